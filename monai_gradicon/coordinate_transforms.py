@@ -1,0 +1,80 @@
+"""Transforms as functions of coordinates.
+
+A registration network returns a :class:`CoordinateTransform` ``Phi_AB``: a callable that maps a tensor of normalized
+coordinates ``[B, dim, *P]`` (points of the fixed image B) to the matching coordinates in the moving image A, so that
+``sample(A, Phi_AB(id)) ~ B``. Transforms compose by evaluation, without resampling fields: ``(f o g)(x) = f(g(x))``.
+
+They hold tensors only (no device, no flags): what they compute depends on their inputs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from monai_gradicon.maps import identity_map, sample
+
+__all__ = ["CoordinateTransform", "DisplacementTransform", "ComposedTransform"]
+
+
+class CoordinateTransform:
+    """Base class: ``__call__(points [B, dim, *P]) -> [B, dim, *P]``, both in normalized [0, 1] coordinates."""
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_grid(self, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """The transform evaluated at every voxel of a grid: a map ``[B, dim, *spatial_shape]``."""
+        ref = self._reference_tensor()
+        return self(identity_map(spatial_shape, dtype=ref.dtype, device=ref.device))
+
+    def _reference_tensor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __matmul__(self, inner: CoordinateTransform) -> ComposedTransform:
+        """``outer @ inner`` is the composition ``outer o inner`` (``inner`` acts on the coordinates first)."""
+        return ComposedTransform(self, inner)
+
+
+class DisplacementTransform(CoordinateTransform):
+    """``x -> x + u(x)`` for a displacement field ``u`` ``[B, dim, *S]`` in normalized units, interpolated
+    (trilinear, ``align_corners=True``) with the given padding where ``x`` is off the field's grid."""
+
+    def __init__(self, displacement: torch.Tensor, padding_mode: str = "border") -> None:
+        if displacement.ndim - 2 != displacement.shape[1]:
+            raise ValueError(
+                f"A displacement field must be [B, dim, *S] with dim = len(S), got shape {tuple(displacement.shape)}."
+            )
+        self.displacement = displacement
+        self.padding_mode = padding_mode
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        return points + sample(self.displacement, points, padding_mode=self.padding_mode)
+
+    def on_grid(self, spatial_shape: Sequence[int]) -> torch.Tensor:
+        # On the field's own grid the interpolation is exact: add the field directly (as the reference does).
+        if tuple(int(s) for s in spatial_shape) == tuple(self.displacement.shape[2:]):
+            ref = self.displacement
+            return identity_map(spatial_shape, dtype=ref.dtype, device=ref.device) + ref
+        return super().on_grid(spatial_shape)
+
+    def _reference_tensor(self) -> torch.Tensor:
+        return self.displacement
+
+
+class ComposedTransform(CoordinateTransform):
+    """``outer o inner``: ``inner`` is applied to the coordinates first."""
+
+    def __init__(self, outer: CoordinateTransform, inner: CoordinateTransform) -> None:
+        self.outer = outer
+        self.inner = inner
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        return self.outer(self.inner(points))
+
+    def on_grid(self, spatial_shape: Sequence[int]) -> torch.Tensor:
+        return self.outer(self.inner.on_grid(spatial_shape))
+
+    def _reference_tensor(self) -> torch.Tensor:
+        return self.inner._reference_tensor()

@@ -1,0 +1,143 @@
+"""Coordinate maps, sampling at maps and point sets, and conversion to MONAI displacement fields.
+
+Conventions (see ``docs/architecture.md``):
+
+* A **map** ``phi`` is a tensor ``[B, dim, *S]`` of **normalized coordinates**: along a spatial axis of size ``N``
+  voxel index ``i`` sits at ``i / (N - 1)``, so ``0`` is the first voxel centre and ``1`` the last. Channel ``k`` is
+  the coordinate along tensor spatial axis ``k`` (channel 0 is the first spatial axis, ITK's z in 3D).
+* A **point set** is any tensor ``[B, dim, *P]`` of normalized coordinates; ``*P`` need not match the image grid.
+* A **DDF** follows :class:`monai.networks.blocks.Warp`: ``[B, dim, *S]`` displacements in **voxels** of the grid
+  it is defined on, ``warped(x) = image(x + ddf(x))``. Hence ``ddf_k = (phi_k - id_k) * (N_k - 1)``.
+
+Physical spacing never enters here; see ``monai_gradicon.io`` for millimetres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "identity_map",
+    "sample",
+    "warp_image",
+    "map_to_ddf",
+    "ddf_to_map",
+    "voxel_to_normalized",
+    "normalized_to_voxel",
+]
+
+_PADDING_MODES = ("border", "zeros", "reflection")
+_MODES = ("bilinear", "nearest")
+
+
+def identity_map(
+    spatial_shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The identity map of a grid, ``[1, dim, *spatial_shape]`` in normalized [0, 1] coordinates.
+
+    Channel ``k`` holds ``i_k / (N_k - 1)``. It is computed in float64 and rounded once to ``dtype``, which gives
+    the same float32 values as the reference implementation. An axis of size 1 holds 0.
+    """
+    shape = [int(s) for s in spatial_shape]
+    if len(shape) not in (1, 2, 3):
+        raise ValueError(f"identity_map supports 1 to 3 spatial dimensions, got spatial shape {tuple(shape)}.")
+    if any(s < 1 for s in shape):
+        raise ValueError(f"identity_map needs positive sizes, got spatial shape {tuple(shape)}.")
+    axes = [torch.arange(n, dtype=torch.float64) * (1.0 / (n - 1) if n > 1 else 0.0) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+    return grid.to(dtype=dtype, device=device)
+
+
+def _check_points(image: torch.Tensor, points: torch.Tensor) -> int:
+    dim = image.ndim - 2
+    if dim not in (2, 3):
+        raise ValueError(f"Expected a 2D [B, C, H, W] or 3D [B, C, D, H, W] tensor to sample, got shape {tuple(image.shape)}.")
+    if points.ndim < 3 or points.shape[1] != dim:
+        raise ValueError(
+            f"Points must be [B, {dim}, *P] normalized coordinates for a {dim}D image, got shape {tuple(points.shape)}."
+        )
+    if points.shape[0] not in (1, image.shape[0]) and image.shape[0] != 1:
+        raise ValueError(
+            f"Batch sizes differ: image has {image.shape[0]}, points have {points.shape[0]} (one of them may be 1)."
+        )
+    return dim
+
+
+def sample(
+    image: torch.Tensor, points: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Interpolate ``image`` at normalized coordinates.
+
+    Args:
+        image: ``[B, C, *S]`` image or vector field (2D or 3D).
+        points: ``[B, dim, *P]`` normalized [0, 1] coordinates (channel k along spatial axis k). A batch of 1 on
+            either side is broadcast to the other.
+        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+        padding_mode: ``"border"`` (default, as the reference), ``"zeros"`` or ``"reflection"``.
+
+    Returns:
+        ``[B, C, *P]``: the image at the points, ``align_corners=True`` semantics (0 and 1 are voxel centres).
+    """
+    dim = _check_points(image, points)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
+    sizes = image.shape[2:]
+    # grid_sample wants [-1, 1] coordinates, channels last and in (x, y, z) = reversed axis order.
+    scaled = [points[:, k] * 2.0 - 1.0 if sizes[k] > 1 else points[:, k] for k in range(dim)]
+    grid = torch.stack(scaled[::-1], dim=-1)
+    if grid.shape[0] == 1 and image.shape[0] != 1:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    elif image.shape[0] == 1 and grid.shape[0] != 1:
+        image = image.expand(grid.shape[0], *image.shape[1:])
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp_image(
+    image: torch.Tensor, phi: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Pull ``image`` ``[B, C, *S_image]`` back through the map ``phi`` ``[B, dim, *S]``: ``image(phi(x))``.
+
+    This is :func:`sample` under the name used for whole-grid warps; the result has the map's grid ``S``.
+    """
+    return sample(image, phi, mode=mode, padding_mode=padding_mode)
+
+
+def map_to_ddf(phi: torch.Tensor) -> torch.Tensor:
+    """Convert a map ``[B, dim, *S]`` (normalized coordinates on its own grid) to a MONAI DDF in voxels.
+
+    ``ddf_k = (phi_k - id_k) * (N_k - 1)``: the factor is ``N - 1``, not ``N``, because ``1`` is the last voxel
+    centre. The result can be passed to :class:`monai.networks.blocks.Warp` for an image on the same grid.
+    """
+    spatial = phi.shape[2:]
+    if phi.shape[1] != len(spatial):
+        raise ValueError(f"A map must be [B, dim, *S] with dim = len(S), got shape {tuple(phi.shape)}.")
+    ident = identity_map(spatial, dtype=phi.dtype, device=phi.device)
+    scale = torch.tensor([max(n - 1, 1) for n in spatial], dtype=phi.dtype, device=phi.device)
+    return (phi - ident) * scale.view(1, -1, *([1] * len(spatial)))
+
+
+def ddf_to_map(ddf: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`map_to_ddf`: a voxel DDF ``[B, dim, *S]`` to a normalized map on the same grid."""
+    spatial = ddf.shape[2:]
+    if ddf.shape[1] != len(spatial):
+        raise ValueError(f"A DDF must be [B, dim, *S] with dim = len(S), got shape {tuple(ddf.shape)}.")
+    ident = identity_map(spatial, dtype=ddf.dtype, device=ddf.device)
+    scale = torch.tensor([max(n - 1, 1) for n in spatial], dtype=ddf.dtype, device=ddf.device)
+    return ident + ddf / scale.view(1, -1, *([1] * len(spatial)))
+
+
+def voxel_to_normalized(points: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Voxel indices ``[..., dim]`` (0-based, array order) to normalized coordinates ``[..., dim]``."""
+    scale = torch.tensor([max(int(n) - 1, 1) for n in spatial_shape], dtype=points.dtype, device=points.device)
+    return points / scale
+
+
+def normalized_to_voxel(points: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Normalized coordinates ``[..., dim]`` to voxel indices ``[..., dim]`` of a grid of ``spatial_shape``."""
+    scale = torch.tensor([max(int(n) - 1, 1) for n in spatial_shape], dtype=points.dtype, device=points.device)
+    return points * scale

@@ -1,0 +1,16 @@
+"""Networks: the UNet2 backbone and the multi-step GradICON registration network."""
+
+from monai_gradicon.networks.registration import (
+    PRESET_SHAPES,
+    STEP_LEVELS,
+    DownsampleStep,
+    GradICONDDFNet,
+    GradICONNetwork,
+    TwoStepRegistration,
+    VectorFieldStep,
+    downsample,
+    gradicon_network,
+    gradicon_preset,
+    min_input_size,
+)
+from monai_gradicon.networks.unet2 import UNet2, match_channels, unet2_min_size

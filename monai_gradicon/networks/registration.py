@@ -1,0 +1,278 @@
+"""Multi-step, multi-resolution GradICON registration networks.
+
+A step is a UNet2 that predicts a displacement field at one pyramid level (0 = full resolution, level L = the images
+average-pooled L times with ``kernel 2, ceil_mode=True``). Steps run coarse to fine: each step sees the *original*
+moving image at its level warped by the composition of all previous steps, and the fixed image at its level. The
+result is the composition ``Phi = Phi_1 o Phi_2 o ... o Phi_n`` (the last, finest step acts on the coordinates first).
+
+This is exactly the reference's tree ``TwoStep(Downsample(TwoStep(Downsample(U1), U2)), U3)`` (+ ``TwoStep(., U4)``):
+
+==========  ===============  =====================================================
+steps       levels           reference
+==========  ===============  =====================================================
+1           (0,)             ``U1``
+2           (1, 0)           ``TwoStep(Downsample(U1), U2)``
+3           (2, 1, 0)        stage 1: U1 @ N/4, U2 @ N/2, U3 @ N
+4           (2, 1, 0, 0)     stage 2: stage 1 plus U4 @ N (the released models)
+==========  ===============  =====================================================
+
+The coarse grids are ``[0, 1]`` grids of the pooled size, so a coarse voxel j sits at ``j / (n - 1)`` while its pooled
+support is centred at ``(2j + 0.5) / (N - 1)``. The released weights were trained with this offset; it is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
+from monai_gradicon.maps import map_to_ddf, sample
+from monai_gradicon.networks.unet2 import UNet2, unet2_min_size
+
+__all__ = [
+    "VectorFieldStep",
+    "DownsampleStep",
+    "TwoStepRegistration",
+    "GradICONNetwork",
+    "GradICONDDFNet",
+    "STEP_LEVELS",
+    "PRESET_SHAPES",
+    "gradicon_network",
+    "gradicon_preset",
+    "downsample",
+    "min_input_size",
+]
+
+STEP_LEVELS: dict[int, tuple[int, ...]] = {1: (0,), 2: (1, 0), 3: (2, 1, 0), 4: (2, 1, 0, 0)}
+"""Pyramid level of each UNet for the 1- to 4-step models."""
+
+PRESET_SHAPES: dict[str, tuple[int, ...]] = {
+    "lung": (175, 175, 175),
+    "brain": (130, 155, 130),
+    "knee": (80, 192, 192),
+    "unigradicon": (175, 175, 175),
+    "multigradicon": (175, 175, 175),
+}
+"""Network input shapes of the released models (array order)."""
+
+
+def downsample(image: torch.Tensor) -> torch.Tensor:
+    """Halve ``[B, C, *S]`` with a 2-voxel average pool, ``ceil_mode=True`` (size N -> ceil(N / 2))."""
+    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
+    return pool(image, 2, ceil_mode=True)
+
+
+def min_input_size(levels: Sequence[int], num_unet_levels: int = 5) -> int:
+    """Smallest axis size accepted by a network whose coarsest step runs at pyramid level ``max(levels)``.
+
+    Every UNet2 needs ``unet2_min_size`` (17) voxels at its own level, hence 17, 33 and 65 for levels 0, 1, 2.
+    """
+    return (unet2_min_size(num_unet_levels) - 1) * 2 ** max(levels) + 1
+
+
+class VectorFieldStep(nn.Module):
+    """One registration step: ``forward(moving, fixed) -> x + u(x)`` with ``u = unet(moving, fixed)``.
+
+    Args:
+        unet: a module mapping ``(moving [B, c, *S], fixed [B, c, *S])`` to a displacement ``[B, dim, *S]`` in
+            normalized [0, 1] units.
+        level: pyramid level this step runs at inside a :class:`GradICONNetwork` (0 = input resolution).
+        padding_mode: how the field is extended beyond its grid when evaluated off-grid ("border" as the reference).
+    """
+
+    def __init__(self, unet: nn.Module, level: int = 0, padding_mode: str = "border") -> None:
+        super().__init__()
+        self.unet = unet
+        self.level = int(level)
+        self.padding_mode = padding_mode
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> DisplacementTransform:
+        return DisplacementTransform(self.unet(moving, fixed), padding_mode=self.padding_mode)
+
+
+class DownsampleStep(nn.Module):
+    """Run a registration module on both images halved by :func:`downsample`; its transform is returned unchanged
+    (normalized coordinates make a coarse transform valid on the fine grid)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> CoordinateTransform:
+        return self.inner(downsample(moving), downsample(fixed))
+
+
+class TwoStepRegistration(nn.Module):
+    """``first`` registers the pair; ``second`` registers the moving image warped by it to the fixed image; the
+    result is ``Phi_first o Phi_second``. Composable building block for custom trees; :class:`GradICONNetwork`
+    computes the same thing for the standard step schedules."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> CoordinateTransform:
+        phi = self.first(moving, fixed)
+        warped = sample(moving, phi.on_grid(moving.shape[2:]))
+        return phi @ self.second(warped, fixed)
+
+
+class GradICONNetwork(nn.Module):
+    """The GradICON registration network: ``forward(moving, fixed) -> Phi`` (a :class:`CoordinateTransform`).
+
+    ``Phi`` maps normalized coordinates of the fixed image to normalized coordinates of the moving image, so
+    ``sample(moving, Phi.on_grid(fixed.shape[2:]))`` is the moving image warped onto the fixed one.
+
+    Args:
+        spatial_dims: 2 or 3.
+        levels: pyramid level of each step, coarse to fine (see :data:`STEP_LEVELS`).
+        input_shape: the spatial shape images are resized to before registration (e.g. ``(175, 175, 175)`` for
+            lung). The network itself accepts any shape whose axes reach :attr:`min_size`; this attribute records
+            the shape the weights were trained at, for pipelines.
+        in_channels: channels per image.
+        checkpointing: activation checkpointing inside the UNets (less memory, same numbers).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        levels: Sequence[int] = STEP_LEVELS[4],
+        input_shape: Sequence[int] | None = None,
+        in_channels: int = 1,
+        checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        levels = tuple(int(v) for v in levels)
+        if not levels or any(b > a for a, b in zip(levels, levels[1:])) or min(levels) < 0:
+            raise ValueError(f"levels must be a non-empty, non-increasing sequence of levels >= 0, got {levels}.")
+        if input_shape is not None and len(input_shape) != spatial_dims:
+            raise ValueError(f"input_shape {tuple(input_shape)} does not have {spatial_dims} spatial dimensions.")
+        self.spatial_dims = spatial_dims
+        self.levels = levels
+        self.in_channels = in_channels
+        self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self.steps = nn.ModuleList(
+            [
+                VectorFieldStep(UNet2(spatial_dims, in_channels, checkpointing=checkpointing), level=lv)
+                for lv in levels
+            ]
+        )
+        if self.input_shape is not None and min(self.input_shape) < self.min_size:
+            raise ValueError(
+                f"input_shape {self.input_shape} is below the minimum of {self.min_size} voxels per axis for a "
+                f"{len(levels)}-step network."
+            )
+
+    @property
+    def min_size(self) -> int:
+        """Smallest size per spatial axis this network accepts."""
+        return min_input_size(self.levels)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        for step in self.steps:
+            step.unet.checkpointing = enabled
+
+    def check_pair(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the problem if the pair cannot be registered (shape checks only)."""
+        expected = 2 + self.spatial_dims
+        for name, t in (("moving", moving), ("fixed", fixed)):
+            if t.ndim != expected:
+                raise ValueError(
+                    f"{name} image must be a {self.spatial_dims}D batch [B, C, *spatial] ({expected} dims) for this "
+                    f"{self.spatial_dims}D network, got shape {tuple(t.shape)}."
+                )
+            if t.shape[1] != self.in_channels:
+                raise ValueError(f"{name} image must have {self.in_channels} channel(s), got shape {tuple(t.shape)}.")
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"moving and fixed images must have the same shape (resample them to the network shape first), got "
+                f"{tuple(moving.shape)} and {tuple(fixed.shape)}."
+            )
+        if min(moving.shape[2:]) < self.min_size:
+            raise ValueError(
+                f"spatial shape {tuple(moving.shape[2:])} is below the minimum of {self.min_size} voxels per axis for "
+                f"a {self.num_steps}-step network."
+            )
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> CoordinateTransform:
+        self.check_pair(moving, fixed)
+        pyramid_m, pyramid_f = [moving], [fixed]
+        for _ in range(max(self.levels)):
+            pyramid_m.append(downsample(pyramid_m[-1]))
+            pyramid_f.append(downsample(pyramid_f[-1]))
+        phi: CoordinateTransform | None = None
+        for step in self.steps:
+            m, f = pyramid_m[step.level], pyramid_f[step.level]
+            if phi is not None:
+                m = sample(m, phi.on_grid(m.shape[2:]))
+            psi = step(m, f)
+            phi = psi if phi is None else phi @ psi
+        assert phi is not None
+        return phi
+
+    def with_final_step(self) -> GradICONNetwork:
+        """A copy with one more full-resolution step appended (stage 1 -> stage 2 of the training protocol).
+
+        The new step's last layer is zero, so the new network starts exactly at this network's solution.
+        """
+        new = GradICONNetwork(
+            self.spatial_dims, (*self.levels, 0), self.input_shape, self.in_channels,
+            checkpointing=self.steps[0].unet.checkpointing,
+        )
+        for dst, src in zip(new.steps, self.steps):
+            dst.load_state_dict(copy.deepcopy(src.state_dict()))
+        return new.to(next(self.parameters()).device)
+
+
+class GradICONDDFNet(nn.Module):
+    """Tensor-to-tensor export network for MONAI tools (``verify_net_in_out``, ``ckpt_export``, MONAI Label).
+
+    ``forward(x [B, 2c, *S]) -> ddf [B, dim, *S]``: channels ``[:c]`` are the moving image and ``[c:]`` the fixed
+    image, both already preprocessed to the network shape; the output is the displacement of ``Phi_AB`` in **voxels**
+    of that grid (MONAI ``Warp`` convention: ``warped = Warp()(moving, ddf)``).
+    The wrapped network is stored as ``network`` so checkpoints of the training wrapper load here too.
+    """
+
+    def __init__(self, network: GradICONNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.network.in_channels
+        if x.ndim != 2 + self.network.spatial_dims or x.shape[1] != 2 * c:
+            raise ValueError(
+                f"GradICONDDFNet expects [B, {2 * c}, *spatial] (moving and fixed stacked on the channel axis), "
+                f"got shape {tuple(x.shape)}."
+            )
+        moving, fixed = x[:, :c], x[:, c:]
+        phi = self.network(moving, fixed)
+        return map_to_ddf(phi.on_grid(x.shape[2:]))
+
+
+def gradicon_network(
+    num_steps: int = 4,
+    spatial_dims: int = 3,
+    input_shape: Sequence[int] | None = None,
+    in_channels: int = 1,
+    checkpointing: bool = False,
+) -> GradICONNetwork:
+    """Build a 1- to 4-step GradICON network (levels from :data:`STEP_LEVELS`)."""
+    if num_steps not in STEP_LEVELS:
+        raise ValueError(f"num_steps must be one of {sorted(STEP_LEVELS)}, got {num_steps}.")
+    return GradICONNetwork(spatial_dims, STEP_LEVELS[num_steps], input_shape, in_channels, checkpointing)
+
+
+def gradicon_preset(name: str, num_steps: int = 4, checkpointing: bool = False) -> GradICONNetwork:
+    """The network of a released model: ``"lung"``, ``"brain"``, ``"knee"``, ``"unigradicon"``, ``"multigradicon"``."""
+    if name not in PRESET_SHAPES:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESET_SHAPES)}.")
+    return gradicon_network(num_steps, 3, PRESET_SHAPES[name], checkpointing=checkpointing)

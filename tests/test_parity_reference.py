@@ -1,0 +1,247 @@
+"""Parity with the reference implementation (icon_registration 1.1.9): same weights and inputs, same numbers.
+
+These compare against the installed reference package, not against saved outputs of our own code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_impl import (
+    randomize_batchnorm_stats,
+    randomize_last_layers,
+    reference_loss,
+    reference_tree,
+)
+from icon_registration import losses as ref_losses
+from icon_registration import mermaidlite as ref_ml
+from icon_registration import network_wrappers as ref_wrappers
+from icon_registration import networks as ref_networks
+
+from monai_gradicon import maps
+from monai_gradicon.losses import GradICONObjective, LNCCLoss, SSDLoss, SquaredLNCCLoss
+from monai_gradicon.networks import UNet2, gradicon_network
+from monai_gradicon.weights import load_official_weights, network_to_official_state
+
+MAP_TOL = 1e-5
+LOSS_RTOL = 1e-5
+
+
+def smooth_images(shape, batch=1, seed=0):
+    """Two different smooth random images in [0, 1], ``[batch, 1, *shape]``."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((2 * batch, 1, *[max(s // 8, 2) for s in shape]), generator=g)
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    img = torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+    return img[:batch].contiguous(), img[batch:].contiguous()
+
+
+def matched_pair(num_steps, dim, seed=1):
+    """A reference tree and our network with identical, non-trivial weights (loaded through the key map)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = reference_tree(num_steps, dim)
+    randomize_last_layers(ref, g)
+    randomize_batchnorm_stats(ref, g)
+    ours = gradicon_network(num_steps, dim)
+    load_official_weights(ours, ref.state_dict())
+    return ref, ours
+
+
+def rel_err(a, b):
+    a, b = float(a), float(b)
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 8)])
+def test_identity_map_equals_reference(shape):
+    module = ref_wrappers.FunctionFromVectorField(None)
+    module.assign_identity_map([1, 1, *shape])  # what every reference module uses
+    ours = maps.identity_map(shape)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, module.identity_map)
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("shape", [(11, 13), (9, 10, 12)])
+def test_sample_equals_reference(shape, padding):
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand((2, 3, *shape), generator=g)
+    points = torch.rand((1, len(shape), 6, 7, *([5] if len(shape) == 3 else [])), generator=g) * 1.4 - 0.2
+    spacing = [1.0 / (s - 1) for s in shape]
+    ref = ref_ml.compute_warped_image_multiNC(image, points, spacing, 1, zero_boundary=(padding == "zeros"))
+    ours = maps.sample(image, points, padding_mode=padding)
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (12, 14, 16)])
+def test_warp_equals_monai_warp(shape):
+    from monai.networks.blocks import Warp
+
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand((2, 1, *shape), generator=g)
+    ddf = torch.randn((2, len(shape), *shape), generator=g) * 2.0
+    ours = maps.warp_image(image, maps.ddf_to_map(ddf))
+    monai_out = Warp(mode="bilinear", padding_mode="border")(image, ddf)
+    assert (ours - monai_out).abs().max() <= 1e-5
+    # and the conversion round-trips
+    assert torch.allclose(maps.map_to_ddf(maps.ddf_to_map(ddf)), ddf, atol=1e-5)
+
+
+def test_map_to_ddf_uses_n_minus_one():
+    phi = maps.identity_map((5, 9))
+    phi[:, 0] += 1.0 / 4  # one voxel along axis 0 (N = 5)
+    phi[:, 1] += 2.0 / 8  # two voxels along axis 1 (N = 9)
+    ddf = maps.map_to_ddf(phi)
+    assert torch.allclose(ddf[:, 0], torch.ones(1, 5, 9), atol=1e-6)
+    assert torch.allclose(ddf[:, 1], 2 * torch.ones(1, 5, 9), atol=1e-6)
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (33, 40)), (3, (20, 22, 19))])
+@pytest.mark.parametrize("train", [False, True])
+def test_unet2_equals_reference(dim, shape, train):
+    g = torch.Generator().manual_seed(5)
+    ref = ref_networks.tallUNet2(dimension=dim)
+    randomize_last_layers(ref, g)
+    randomize_batchnorm_stats(ref, g)
+    ours = UNet2(dim)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.train(train)
+    ours.train(train)
+    a, b = smooth_images(shape, batch=2)
+    with torch.no_grad():
+        out_ref = ref(a, b)
+        out = ours(a, b)
+    assert (out - out_ref).abs().max() <= 1e-6
+    assert out.abs().max() > 1e-3  # not the zero map
+
+
+def test_parameter_counts():
+    assert sum(p.numel() for p in UNet2(3).parameters()) == 17_670_229
+    assert sum(p.numel() for p in UNet2(2).parameters()) == 4_756_902
+    net = gradicon_network(4, 3)
+    assert sum(p.numel() for p in net.parameters()) == 70_680_916
+    assert len(net.state_dict()) == 188
+    assert sum(p.numel() for p in gradicon_network(3, 3).parameters()) == 53_010_687
+
+
+@pytest.mark.parametrize(
+    "num_steps,dim,shape",
+    [(4, 3, (65, 65, 66)), (3, 3, (65, 67, 65)), (2, 2, (40, 36)), (1, 2, (30, 25)), (4, 2, (70, 66))],
+)
+def test_maps_equal_reference(num_steps, dim, shape):
+    ref, ours = matched_pair(num_steps, dim)
+    ref.eval()
+    ours.eval()
+    ref.assign_identity_map([1, 1, *shape])
+    a, b = smooth_images(shape)
+    with torch.no_grad():
+        ident = ref.identity_map
+        ident.isIdentity = True
+        ref_map = ref(a, b)(ident)
+        our_map = ours(a, b).on_grid(shape)
+    diff = (our_map - ref_map).abs().max().item()
+    print(f"max |map diff| {num_steps}-step {dim}D {shape}: {diff:.3e}")
+    assert diff <= MAP_TOL
+    assert (ref_map - ident).abs().max() > 1e-3  # the transform is not the identity
+
+
+def test_exported_weights_load_into_reference():
+    ours = gradicon_network(4, 3)
+    g = torch.Generator().manual_seed(9)
+    randomize_last_layers(ours, g)
+    ref = reference_tree(4, 3)
+    ref.load_state_dict(network_to_official_state(ours), strict=True)
+    shape = (65, 65, 65)
+    ref.assign_identity_map([1, 1, *shape])
+    ref.eval()
+    ours.eval()
+    a, b = smooth_images(shape, seed=2)
+    with torch.no_grad():
+        ref.identity_map.isIdentity = True
+        diff = (ours(a, b).on_grid(shape) - ref(a, b)(ref.identity_map)).abs().max()
+    assert diff <= MAP_TOL
+
+
+@pytest.mark.parametrize(
+    "kind,sim_ours,sim_ref,lmbda",
+    [
+        ("gradicon_sparse", LNCCLoss(5), ref_losses.LNCC(5), 1.5),
+        ("gradicon", SquaredLNCCLoss(3), ref_losses.SquaredLNCC(3), 1.5),
+        ("icon", SSDLoss(), ref_losses.SSD(), 2.0),
+    ],
+)
+def test_loss_terms_equal_reference_3d(kind, sim_ours, sim_ref, lmbda):
+    shape = (65, 65, 65)
+    ref_net, ours = matched_pair(4, 3, seed=11)
+    ref_model = reference_loss(kind, ref_net, sim_ref, lmbda, shape)
+    objective = GradICONObjective(ours, sim_ours, lmbda=lmbda, regularizer=kind)
+    ref_model.train()
+    objective.train()
+    a, b = smooth_images(shape, batch=2, seed=3)
+    with torch.no_grad():
+        torch.manual_seed(1234)  # the reference draws its jitter as the first randn after the network passes
+        r = ref_model(a, b)
+        noise = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1234))
+        o = objective(a, b, noise=noise)
+    pairs = {
+        "loss": (o.loss, r.all_loss),
+        "regularizer": (o.regularizer, r.inverse_consistency_loss),
+        "similarity": (o.similarity, r.similarity_loss),
+        "transform_magnitude": (o.transform_magnitude, r.transform_magnitude),
+    }
+    for name, (ours_v, ref_v) in pairs.items():
+        err = rel_err(ours_v, ref_v)
+        print(f"{kind} {name}: ours {float(ours_v):.8g} ref {float(ref_v):.8g} rel {err:.2e}")
+        assert err <= LOSS_RTOL, name
+    assert float(o.folds) == float(r.flips)
+    assert float(r.inverse_consistency_loss) > 0
+
+
+@pytest.mark.parametrize("kind", ["gradicon_sparse", "gradicon", "icon"])
+def test_loss_terms_equal_reference_2d(kind):
+    shape = (66, 70)
+    ref_net, ours = matched_pair(4, 2, seed=12)
+    ref_model = reference_loss(kind, ref_net, ref_losses.LNCC(5), 1.5, shape)
+    objective = GradICONObjective(ours, LNCCLoss(5), lmbda=1.5, regularizer=kind)
+    a, b = smooth_images(shape, batch=3, seed=4)
+    with torch.no_grad():
+        torch.manual_seed(77)
+        r = ref_model(a, b)
+        o = objective(a, b, noise=torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(77)))
+    for ours_v, ref_v in [(o.loss, r.all_loss), (o.regularizer, r.inverse_consistency_loss),
+                          (o.similarity, r.similarity_loss), (o.transform_magnitude, r.transform_magnitude)]:
+        assert rel_err(ours_v, ref_v) <= LOSS_RTOL
+
+
+def test_gradients_equal_reference():
+    """One backward pass: the gradient of the loss w.r.t. every weight matches (training parity)."""
+    shape = (65, 65, 65)
+    ref_net, ours = matched_pair(4, 3, seed=13)
+    ref_model = reference_loss("gradicon_sparse", ref_net, ref_losses.LNCC(5), 1.5, shape)
+    objective = GradICONObjective(ours, LNCCLoss(5), lmbda=1.5)
+    a, b = smooth_images(shape, batch=1, seed=5)
+    torch.manual_seed(5)
+    ref_model(a, b).all_loss.backward()
+    objective(a, b, noise=torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(5))).loss.backward()
+    ref_grads = network_to_official_state_grads(ref_net)
+    # Relative to the largest gradient: biases feeding a train-mode BatchNorm have a true gradient of 0, so their
+    # computed values are pure rounding noise and a per-tensor relative error would be meaningless.
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    worst = 0.0
+    for i, step in enumerate(ours.steps):
+        for name, p in step.unet.named_parameters():
+            worst = max(worst, float((p.grad - ref_grads[(i, name)]).abs().max()) / scale)
+    print(f"worst gradient difference relative to the largest gradient: {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def network_to_official_state_grads(ref_net):
+    from monai_gradicon.weights import OFFICIAL_PREFIXES
+
+    out = {}
+    for key, p in ref_net.named_parameters():
+        for i, prefix in enumerate(OFFICIAL_PREFIXES[4]):
+            if key.startswith(prefix):
+                out[(i, key[len(prefix):])] = p.grad
+    return out
