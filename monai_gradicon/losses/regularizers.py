@@ -14,6 +14,7 @@ import torch
 
 from monai_gradicon.coordinate_transforms import CoordinateTransform
 from monai_gradicon.maps import identity_map
+from monai_gradicon.metrics import reference_flips
 
 __all__ = [
     "draw_noise",
@@ -99,23 +100,6 @@ def icon_regularizer(phi_ab: CoordinateTransform, phi_ba: CoordinateTransform, p
 
 
 def folds_count(phi: torch.Tensor) -> torch.Tensor:
-    """Number of folded cells of a map ``[B, dim, *S]``, averaged over the batch (the reference's ``flips``).
-
-    3D: backward differences ``a, b, c`` along the three axes at ``[1:, 1:, 1:]`` and ``dV = (a x b) . c``;
-    2D: forward differences at ``[:-1, :-1]`` and ``dA = du_0 dv_1 - du_1 dv_0``. Counts ``dV < 0`` cells.
-    See :mod:`monai_gradicon.metrics` for percentages and Jacobian determinants.
-    """
-    phi = phi.detach()
-    if phi.ndim == 5:
-        core = phi[:, :, 1:, 1:, 1:]
-        a = core - phi[:, :, :-1, 1:, 1:]
-        b = core - phi[:, :, 1:, :-1, 1:]
-        c = core - phi[:, :, 1:, 1:, :-1]
-        det = torch.sum(torch.cross(a, b, dim=1) * c, dim=1)
-    elif phi.ndim == 4:
-        du = phi[:, :, 1:, :-1] - phi[:, :, :-1, :-1]
-        dv = phi[:, :, :-1, 1:] - phi[:, :, :-1, :-1]
-        det = du[:, 0] * dv[:, 1] - du[:, 1] * dv[:, 0]
-    else:
-        raise ValueError(f"folds_count expects a 2D or 3D map [B, dim, *S], got shape {tuple(phi.shape)}.")
-    return torch.sum(det < 0) / phi.shape[0]
+    """Folded cells of a map ``[B, dim, *S]`` per batch element, as the reference's ``flips`` counts them (no
+    gradient). See :func:`monai_gradicon.metrics.reference_flips` for the definition and a percentage form."""
+    return reference_flips(phi)
