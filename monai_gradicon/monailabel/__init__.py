@@ -1,0 +1,73 @@
+"""MONAI Label integration: serve the GradICON bundles as a registration task (optional).
+
+* :mod:`monai_gradicon.monailabel.pipeline` (no ``monailabel`` needed): load a bundle, and the pre / infer / post /
+  write steps of one registration request, as plain functions.
+* :class:`GradICONRegistrationTask` (needs ``monailabel``, imported on first access only): the ``BasicInferTask``
+  subclass the sample app ``apps/gradicon_monailabel`` registers.
+
+``import monai_gradicon`` does not import this package, and importing this package does not import ``monailabel``.
+See ``docs/monailabel.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai_gradicon.monailabel.pipeline import (
+    DDF_UNITS,
+    GradICONBundle,
+    PreparedPair,
+    RegistrationOutputs,
+    RegistrationRequestError,
+    find_bundles,
+    load_bundle,
+    prepare_pair,
+    register_files,
+    resample_to_fixed,
+    run_registration_network,
+    write_outputs,
+)
+
+__all__ = [
+    "DDF_UNITS",
+    "GradICONBundle",
+    "PreparedPair",
+    "RegistrationOutputs",
+    "RegistrationRequestError",
+    "find_bundles",
+    "load_bundle",
+    "prepare_pair",
+    "register_files",
+    "resample_to_fixed",
+    "run_registration_network",
+    "write_outputs",
+    "GradICONRegistrationTask",
+    "monailabel_available",
+]
+
+_LAZY = {
+    "GradICONRegistrationTask": "monai_gradicon.monailabel.task",
+    "REGISTRATION_TYPE": "monai_gradicon.monailabel.task",
+}
+
+
+def monailabel_available() -> bool:
+    """Whether ``monailabel`` can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("monailabel") is not None
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as exc:
+            raise ImportError(
+                f"monai_gradicon.monailabel.{name} needs the 'monailabel' package: install monai-gradicon[monailabel] "
+                "into a separate environment (see docs/monailabel.md)."
+            ) from exc
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

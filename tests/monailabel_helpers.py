@@ -1,0 +1,130 @@
+"""Small stand-in bundle and image pairs for the MONAI Label tests (no download, no training).
+
+The bundle follows the GradICON bundle contract: ``configs/inference.json`` with ``network_def`` = a
+``GradICONDDFNet`` (here a 1-step network at 33^3), ``preprocessing`` = LoadImaged -> intensity scaling -> Resized
+(``align_corners=False``) -> ConcatItemsd([moving, fixed] -> image), ``configs/metadata.json`` and ``models/model.pt``
+(a plain state dict of the ``GradICONDDFNet``, keys ``network.steps.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from monai_gradicon.networks.registration import GradICONDDFNet, gradicon_network
+
+NETWORK_SHAPE = (33, 33, 33)
+
+
+def inference_config(network_shape: Sequence[int] = NETWORK_SHAPE, num_steps: int = 1) -> dict:
+    return {
+        "imports": ["$import torch", "$import monai_gradicon"],
+        "bundle_root": ".",
+        "device": "$torch.device('cpu')",
+        "keys": ["moving_image", "fixed_image"],
+        "network_def": {
+            "_target_": "monai_gradicon.GradICONDDFNet",
+            "network": {
+                "_target_": "monai_gradicon.gradicon_network",
+                "num_steps": num_steps,
+                "spatial_dims": len(network_shape),
+                "input_shape": list(network_shape),
+            },
+        },
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "@keys", "ensure_channel_first": True, "image_only": True},
+                {"_target_": "ScaleIntensityRanged", "keys": "@keys", "a_min": 0.0, "a_max": 100.0,
+                 "b_min": 0.0, "b_max": 1.0, "clip": True},
+                {"_target_": "Resized", "keys": "@keys", "spatial_size": list(network_shape), "mode": "trilinear",
+                 "align_corners": False},
+                {"_target_": "ConcatItemsd", "keys": "@keys", "name": "image", "dim": 0},
+            ],
+        },
+    }
+
+
+def metadata(network_shape: Sequence[int] = NETWORK_SHAPE) -> dict:
+    return {
+        "version": "0.0.1",
+        "name": "tiny GradICON test bundle",
+        "description": "1-step GradICON network with perturbed last layers, for tests only",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "num_channels": 2, "spatial_shape": list(network_shape)}},
+            "outputs": {"pred": {"type": "image", "num_channels": len(network_shape),
+                                 "spatial_shape": list(network_shape)}},
+        },
+    }
+
+
+def make_network(network_shape: Sequence[int] = NETWORK_SHAPE, num_steps: int = 1, scale: float = 0.0,
+                 seed: int = 0) -> GradICONDDFNet:
+    """A ``GradICONDDFNet``; ``scale > 0`` fills the (zero-initialised) last layers with small random weights so the
+    transform is not the identity."""
+    torch.manual_seed(seed)
+    net = GradICONDDFNet(gradicon_network(num_steps, len(network_shape), network_shape))
+    if scale:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for step in net.network.steps:
+                w = step.unet.lastConv.weight
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+    return net.eval()
+
+
+def write_bundle(folder: str, network: GradICONDDFNet | None = None, network_shape: Sequence[int] = NETWORK_SHAPE,
+                 num_steps: int = 1, config: dict | None = None) -> str:
+    os.makedirs(os.path.join(folder, "configs"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "models"), exist_ok=True)
+    with open(os.path.join(folder, "configs", "inference.json"), "w") as f:
+        json.dump(config or inference_config(network_shape, num_steps), f, indent=2)
+    with open(os.path.join(folder, "configs", "metadata.json"), "w") as f:
+        json.dump(metadata(network_shape), f, indent=2)
+    network = network if network is not None else make_network(network_shape, num_steps)
+    torch.save(network.state_dict(), os.path.join(folder, "models", "model.pt"))
+    return folder
+
+
+def blob_volume(
+    shape: Sequence[int], centre_mm: Sequence[float], affine: np.ndarray, radius_mm: float = 12.0
+) -> np.ndarray:
+    """A smooth bright ellipsoid-ish blob (values 0..100) at a world position, sampled on a grid."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float64)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    d2 = ((world - np.asarray(centre_mm)) ** 2).sum(-1)
+    base = 100.0 * np.exp(-d2 / (2 * radius_mm**2))
+    ripple = 10.0 * np.sin(world[..., 0] / 7.0) * np.cos(world[..., 1] / 9.0)  # texture, so nothing is constant
+    return np.clip(base + ripple + 10.0, 0, 100).astype(np.float32)
+
+
+def write_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> str:
+    img = nib.Nifti1Image(array, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, path)
+    return path
+
+
+def grid_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    a = np.diag([*spacing, 1.0]).astype(np.float64)
+    a[:3, 3] = origin
+    return a
+
+
+def write_pair(folder: str, fixed_name: str = "fixed", moving_name: str = "moving") -> tuple[str, str]:
+    """A fixed image (40 x 36 x 32, 1.5 mm) and a moving image on another grid (30 x 34 x 28, 2 mm spacing,
+    shifted origin) holding a blob displaced by 4 mm. Returns ``(fixed path, moving path)``."""
+    os.makedirs(folder, exist_ok=True)
+    fa = grid_affine((1.5, 1.5, 1.5), (-30.0, -27.0, -24.0))
+    ma = grid_affine((2.0, 1.8, 2.2), (-29.0, -30.0, -30.0))
+    fixed = blob_volume((40, 36, 32), (0.0, 0.0, 0.0), fa)
+    moving = blob_volume((30, 34, 28), (4.0, 0.0, 0.0), ma)
+    fp = write_nifti(os.path.join(folder, f"{fixed_name}.nii.gz"), fixed, fa)
+    mp = write_nifti(os.path.join(folder, f"{moving_name}.nii.gz"), moving, ma)
+    return fp, mp
