@@ -25,6 +25,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give the result the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

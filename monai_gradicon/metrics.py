@@ -356,6 +356,7 @@ def landmark_tre(
     fixed_affine: ArrayLike | None = None,
     moving_affine: ArrayLike | None = None,
     spacing: float | Sequence[float] | None = None,
+    moving_shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Target registration error (TRE) of corresponding landmarks.
@@ -382,6 +383,8 @@ def landmark_tre(
         fixed_affine: ``[dim+1, dim+1]``/``[4, 4]`` (or batched) voxel -> world affine of the fixed image.
         moving_affine: ``[dim+1, dim+1]``/``[4, 4]`` (or batched) voxel -> world affine of the moving image.
         spacing: mm per voxel (scalar or per axis), voxel frame only.
+        moving_shape: spatial shape of the moving image's grid, for the bounds check of the moving landmarks when
+            it differs from the fixed (DDF) grid; defaults to the DDF grid.
 
     Returns:
         ``(errors, mean)``: ``errors`` ``[B, K]`` per-landmark distance and ``mean`` ``[B]`` mTRE, float64, in mm
@@ -423,7 +426,7 @@ def landmark_tre(
         fixed_vox, moving_vox = fixed, moving
 
     _check_inside(fixed_vox, spatial, "fixed_points")
-    _check_inside(moving_vox, spatial, "moving_points")
+    _check_inside(moving_vox, tuple(moving_shape) if moving_shape is not None else spatial, "moving_points")
     predicted_vox = fixed_vox + sample_ddf_at_points(ddf, fixed_vox).to(torch.float64).cpu()
 
     if points_in == "world":

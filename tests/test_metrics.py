@@ -376,3 +376,30 @@ def test_metric_without_data_is_not_computable():
         FoldingPercentage().compute()
     with pytest.raises(ValueError, match="missing key"):
         _run(LabelDice(), [{"fixed_label": torch.zeros(1, 1, 3)}])
+
+
+def test_tre_moving_landmarks_checked_against_moving_grid():
+    """A moving landmark outside the fixed grid but inside a larger moving grid is valid when moving_shape says so."""
+    from monai_gradicon.metrics import landmark_tre
+
+    ddf = torch.zeros(1, 3, 8, 8, 8)
+    ddf[:, 0] = 5.0  # fixed voxel x maps to moving voxel x + 5 along axis 0
+    fixed = torch.tensor([[6.0, 2.0, 2.0]])
+    moving = torch.tensor([[11.0, 2.0, 2.0]])
+    with pytest.raises(ValueError, match="moving_points"):
+        landmark_tre(moving, fixed, ddf, points_in="voxel")
+    errors, mean = landmark_tre(moving, fixed, ddf, points_in="voxel", moving_shape=(16, 8, 8))
+    assert float(mean) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from monai_gradicon.io_utils import atomic_write
+
+    target = tmp_path / "out.txt"
+    atomic_write(target, lambda p: open(p, "w").write("x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
