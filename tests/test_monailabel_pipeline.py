@@ -171,6 +171,7 @@ def test_matches_register_pair(tiny, workdir):
         workdir["fixed"], workdir["moving"], tiny.registration_network,
         preprocess=lambda x: np.clip(x / 100.0, 0.0, 1.0), input_shape=NETWORK_SHAPE, inverse=False,
         device="cpu", progress=False,
+        reference_axis_order=False,  # the MONAI Label pipeline feeds the network the file's index order
     )
     np.testing.assert_allclose(out.displacement, res.displacement, atol=1e-3)
     np.testing.assert_allclose(out.warped, res.warped_moving, atol=1e-2)
