@@ -94,7 +94,55 @@ def sample(
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     elif image.shape[0] == 1 and grid.shape[0] != 1:
         image = image.expand(grid.shape[0], *image.shape[1:])
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+    grid = grid.to(image.dtype)
+    chunks = _cpu_chunks(image, grid)
+    if chunks > 1:
+        return _chunked_grid_sample(image, grid, chunks, mode, padding_mode)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+_MIN_POINTS_PER_CHUNK = 16384
+
+
+def _cpu_chunks(image: torch.Tensor, grid: torch.Tensor) -> int:
+    """How many pieces to cut the points of a batch-1 CPU sample into.
+
+    PyTorch's CPU ``grid_sample`` (3D, and its backward) parallelises over the batch only, so a batch of 1 runs on
+    one thread; cutting the points into one piece per thread and sampling them as a batch (the image is broadcast,
+    not copied) uses them all. Interpolation is pointwise, so the values are unchanged.
+    """
+    if image.device.type != "cpu" or image.shape[0] != 1 or image.ndim != 5:
+        return 1
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 1
+    points = grid[0, ..., 0].numel()
+    return max(1, min(threads, points // _MIN_POINTS_PER_CHUNK))
+
+
+def _chunked_grid_sample(
+    image: torch.Tensor, grid: torch.Tensor, chunks: int, mode: str, padding_mode: str
+) -> torch.Tensor:
+    dim = grid.shape[-1]
+    point_shape = grid.shape[1:-1]
+    flat = grid.reshape(-1, dim)
+    total = flat.shape[0]
+    per_chunk = -(-total // chunks)
+    pad = per_chunk * chunks - total
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros((pad, dim))], dim=0)
+    out = F.grid_sample(
+        image.expand(chunks, *image.shape[1:]),
+        flat.view(chunks, 1, 1, per_chunk, dim),
+        mode=mode,
+        padding_mode=padding_mode,
+        align_corners=True,
+    )  # [chunks, C, 1, 1, per_chunk]
+    channels = image.shape[1]
+    out = out.view(chunks, channels, per_chunk).transpose(0, 1).reshape(channels, chunks * per_chunk)
+    if pad:
+        out = out[:, :total]
+    return out.reshape(1, channels, *point_shape)
 
 
 def warp_image(

@@ -25,21 +25,43 @@ def gaussian_kernel1d(sigma: float, kernel_size: int | None = None) -> torch.Ten
     return pdf / pdf.sum()
 
 
+def _blur_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` matrix ``T`` with ``(T @ x)[i] = sum_t k[t] x[i + t - (K - 1) // 2]`` and zeros outside ``[0, n)``:
+    a 1D "same" zero-padded correlation with ``kernel`` written as a banded matrix."""
+    k = kernel.numel()
+    idx = torch.arange(n, device=kernel.device)
+    tap = idx[None, :] - idx[:, None] + (k - 1) // 2  # [i, j] -> kernel index
+    inside = (tap >= 0) & (tap < k)
+    return torch.where(inside, kernel[tap.clamp(0, k - 1)], kernel.new_zeros(()))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur of every channel of ``x`` ``[B, C, *S]`` (1D to 3D), zero padding, no renormalization
     at the borders; axes are filtered in order 2, 3, 4. Several images can be blurred in one call by stacking them
-    on the channel axis (one grouped convolution per axis)."""
+    on the channel axis.
+
+    Each axis is filtered as a product with a banded ``[N, N]`` matrix (a general matrix product) instead of a
+    depth-wise convolution: the taps and the zero padding are the same, and BLAS runs this many times faster than
+    the depth-wise convolution kernels (and its backward is again one product, with no saved input).
+    """
     dim = x.ndim - 2
     if dim not in (1, 2, 3):
         raise ValueError(f"gaussian_blur supports 1D to 3D images [B, C, *S], got shape {tuple(x.shape)}.")
     kernel = gaussian_kernel1d(sigma, kernel_size).to(device=x.device, dtype=x.dtype)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-    groups = x.shape[1]
-    out = x
+    sizes = x.shape[2:]
+    out = x.contiguous()
     for axis in range(dim):
-        shape = [groups, 1] + [1] * dim
-        shape[2 + axis] = kernel.numel()
-        out = conv(out, kernel.view(shape[2:]).expand(shape), padding="same", groups=groups)
+        n = sizes[axis]
+        if n == 1 and kernel.numel() == 1:
+            continue
+        matrix = _blur_matrix(n, kernel)
+        inner = 1
+        for s in sizes[axis + 1 :]:
+            inner *= s
+        if inner == 1:  # last axis: [..., n] @ T^T, folded into one matrix product
+            out = out.matmul(matrix.t())
+        else:  # T @ [outer, n, inner]
+            out = torch.matmul(matrix, out.reshape(-1, n, inner)).view(x.shape)
     return out
 
 
@@ -47,13 +69,23 @@ def local_ncc(pred: torch.Tensor, target: torch.Tensor, sigma: float, eps: float
     """Local normalized cross-correlation map ``[B, C, *S]`` with a Gaussian window.
 
     ``(G(IJ) - G(I)G(J)) / sqrt((relu(G(I²) - G(I)²) + eps) (relu(G(J²) - G(J)²) + eps))``.
-    The five moment images are blurred in one grouped convolution per axis.
+    The moment images are blurred together (stacked on the channel axis); the moments of an image that needs no
+    gradient are blurred in a separate call so that the backward pass only filters the other three.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
     c = pred.shape[1]
-    moments = gaussian_blur(torch.cat([pred, target, pred * target, pred * pred, target * target], dim=1), sigma)
-    mu_i, mu_j, m_ij, m_ii, m_jj = torch.split(moments, c, dim=1)
+    if torch.is_grad_enabled() and pred.requires_grad != target.requires_grad:
+        grad_img, const_img = (pred, target) if pred.requires_grad else (target, pred)
+        varying = gaussian_blur(torch.cat([grad_img, pred * target, grad_img * grad_img], dim=1), sigma)
+        with torch.no_grad():
+            fixed = gaussian_blur(torch.cat([const_img, const_img * const_img], dim=1), sigma)
+        mu_g, m_ij, m_gg = torch.split(varying, c, dim=1)
+        mu_c, m_cc = torch.split(fixed, c, dim=1)
+        mu_i, m_ii, mu_j, m_jj = (mu_g, m_gg, mu_c, m_cc) if pred.requires_grad else (mu_c, m_cc, mu_g, m_gg)
+    else:
+        moments = gaussian_blur(torch.cat([pred, target, pred * target, pred * pred, target * target], dim=1), sigma)
+        mu_i, mu_j, m_ij, m_ii, m_jj = torch.split(moments, c, dim=1)
     var_i = torch.relu(m_ii - mu_i**2) + eps
     var_j = torch.relu(m_jj - mu_j**2) + eps
     return (m_ij - mu_i * mu_j) / torch.sqrt(var_i * var_j)

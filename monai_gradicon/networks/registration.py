@@ -31,7 +31,7 @@ from torch import nn
 
 from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
 from monai_gradicon.maps import map_to_ddf, sample
-from monai_gradicon.networks.unet2 import UNet2, unet2_min_size
+from monai_gradicon.networks.unet2 import UNet2, checkpoint_call, is_recomputing, unet2_min_size
 
 __all__ = [
     "VectorFieldStep",
@@ -135,7 +135,9 @@ class GradICONNetwork(nn.Module):
             lung). The network itself accepts any shape whose axes reach :attr:`min_size`; this attribute records
             the shape the weights were trained at, for pipelines.
         in_channels: channels per image.
-        checkpointing: activation checkpointing inside the UNets (less memory, same numbers).
+        checkpointing: activation checkpointing (less memory, same numbers, about one more forward pass of time):
+            each step -- the warp of its input by the previous steps and its UNet -- keeps only its displacement
+            field for the backward pass and is recomputed there.
     """
 
     def __init__(
@@ -156,12 +158,8 @@ class GradICONNetwork(nn.Module):
         self.levels = levels
         self.in_channels = in_channels
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
-        self.steps = nn.ModuleList(
-            [
-                VectorFieldStep(UNet2(spatial_dims, in_channels, checkpointing=checkpointing), level=lv)
-                for lv in levels
-            ]
-        )
+        self.steps = nn.ModuleList([VectorFieldStep(UNet2(spatial_dims, in_channels), level=lv) for lv in levels])
+        self.checkpointing = bool(checkpointing)
         if self.input_shape is not None and min(self.input_shape) < self.min_size:
             raise ValueError(
                 f"input_shape {self.input_shape} is below the minimum of {self.min_size} voxels per axis for a "
@@ -178,8 +176,29 @@ class GradICONNetwork(nn.Module):
         return len(self.steps)
 
     def set_checkpointing(self, enabled: bool) -> None:
+        """Switch activation checkpointing (see the class docstring) on or off."""
+        self.checkpointing = bool(enabled)
+        for step in self.steps:  # the step-level recomputation already covers the UNets
+            if isinstance(step.unet, UNet2):
+                step.unet.checkpointing = False
+
+    def set_mixed_precision(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Opt-in reduced precision: run the UNets under ``torch.autocast(dtype)`` (``None`` switches it off).
+
+        Only the UNet bodies change precision; each UNet's last convolution (the displacement), the warps, the
+        compositions and the losses stay float32. This changes the numbers (``bench/RESULTS.md`` reports by how
+        much); it is off by default.
+        """
         for step in self.steps:
-            step.unet.checkpointing = enabled
+            if isinstance(step.unet, UNet2):
+                step.unet.autocast_dtype = dtype
+
+    def compile_unets(self, **kwargs) -> None:
+        """Opt-in: compile every UNet's forward computation with ``torch.compile(**kwargs)`` (needs a C++ compiler
+        on CPU; the first calls at each new shape are slow)."""
+        for step in self.steps:
+            if isinstance(step.unet, UNet2):
+                step.unet.compile_body(**kwargs)
 
     def check_pair(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the problem if the pair cannot be registered (shape checks only)."""
@@ -209,15 +228,30 @@ class GradICONNetwork(nn.Module):
         for _ in range(max(self.levels)):
             pyramid_m.append(downsample(pyramid_m[-1]))
             pyramid_f.append(downsample(pyramid_f[-1]))
-        phi: CoordinateTransform | None = None
-        for step in self.steps:
+        recompute = getattr(self, "checkpointing", False) and torch.is_grad_enabled() and not is_recomputing()
+        fields: list[torch.Tensor] = []
+        for i, step in enumerate(self.steps):
             m, f = pyramid_m[step.level], pyramid_f[step.level]
-            if phi is not None:
-                m = sample(m, phi.on_grid(m.shape[2:]))
-            psi = step(m, f)
+            if recompute:
+                fields.append(checkpoint_call(self._step_displacement, i, m, f, *fields))
+            else:
+                fields.append(self._step_displacement(i, m, f, *fields))
+        return self._compose(fields)
+
+    def _compose(self, fields: Sequence[torch.Tensor]) -> CoordinateTransform:
+        """``Phi_1 o ... o Phi_k`` for the displacement fields of the first ``k`` steps."""
+        phi: CoordinateTransform | None = None
+        for step, u in zip(self.steps, fields):
+            psi = DisplacementTransform(u, padding_mode=step.padding_mode)
             phi = psi if phi is None else phi @ psi
         assert phi is not None
         return phi
+
+    def _step_displacement(self, i: int, moving: torch.Tensor, fixed: torch.Tensor, *previous: torch.Tensor):
+        """Step ``i``'s displacement: its UNet on the moving image warped by the previous steps, and the fixed one."""
+        if previous:
+            moving = sample(moving, self._compose(previous).on_grid(moving.shape[2:]))
+        return self.steps[i](moving, fixed).displacement
 
     def with_final_step(self) -> GradICONNetwork:
         """A copy with one more full-resolution step appended (stage 1 -> stage 2 of the training protocol).
@@ -226,10 +260,13 @@ class GradICONNetwork(nn.Module):
         """
         new = GradICONNetwork(
             self.spatial_dims, (*self.levels, 0), self.input_shape, self.in_channels,
-            checkpointing=self.steps[0].unet.checkpointing,
+            checkpointing=self.checkpointing,
         )
         for dst, src in zip(new.steps, self.steps):
             dst.load_state_dict(copy.deepcopy(src.state_dict()))
+        first = self.steps[0].unet
+        if isinstance(first, UNet2) and first.autocast_dtype is not None:
+            new.set_mixed_precision(first.autocast_dtype)
         return new.to(next(self.parameters()).device)
 
 

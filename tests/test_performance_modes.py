@@ -1,0 +1,221 @@
+"""The fast paths and opt-in performance modes compute the same numbers as the plain ones (float32 rounding), and
+the modes that change numbers (bf16) stay off unless asked for. Timings live in ``bench/``, not here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_gradicon import maps
+from monai_gradicon.losses import GradICONObjective, LNCCLoss, gaussian_blur, gaussian_kernel1d, local_ncc
+from monai_gradicon.networks import UNet2, gradicon_network
+from monai_gradicon.networks.unet2 import conv3d_channels_last_input_grad
+
+
+def conv_blur(x, sigma, kernel_size=None):
+    """The reference's blur: depth-wise zero-padded 'same' convolutions along axes 2, 3, 4."""
+    k = gaussian_kernel1d(sigma, kernel_size)
+    dim = x.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    out = x
+    for axis in range(dim):
+        shape = [x.shape[1], 1] + [1] * dim
+        shape[2 + axis] = k.numel()
+        out = conv(out, k.view(shape[2:]).expand(shape), padding="same", groups=x.shape[1])
+    return out
+
+
+def random_net(num_steps, dim, seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    net = gradicon_network(num_steps, dim)
+    g = torch.Generator().manual_seed(seed + 1)
+    for step in net.steps:
+        w = step.unet.lastConv.weight
+        with torch.no_grad():
+            w.copy_(torch.randn(w.shape, generator=g) * scale / w[0].numel() ** 0.5)
+    return net
+
+
+def smooth_pair(shape, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((2 * batch, 1, *[max(s // 6, 2) for s in shape]), generator=g)
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    img = F.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+    return img[:batch].contiguous(), img[batch:].contiguous()
+
+
+@pytest.mark.parametrize(
+    "shape,sigma,kernel_size",
+    [((2, 3, 17), 2, None), ((1, 2, 9, 13), 1.5, None), ((1, 5, 20, 7, 11), 3, None), ((1, 1, 5, 30, 6), 5, None),
+     ((1, 2, 12, 13, 14), 2, 4), ((2, 1, 8, 8, 8), 0.5, None)],
+)
+def test_matrix_blur_equals_depthwise_convolution(shape, sigma, kernel_size):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    ours = gaussian_blur(x, sigma, kernel_size)
+    ref = conv_blur(x, sigma, kernel_size)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-7
+
+
+def test_blur_gradient_is_the_adjoint():
+    x = torch.rand(1, 2, 11, 12, 13, requires_grad=True)
+    g = torch.rand(1, 2, 11, 12, 13)
+    (gaussian_blur(x, 2) * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (conv_blur(x2, 2) * g).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-7)
+
+
+def test_lncc_gradient_path_equals_plain_path():
+    """When only the warped image needs a gradient the target's moments are blurred apart; same values."""
+    a, b = smooth_pair((20, 21, 22), seed=2)
+    a = (a + 0.1 * torch.rand(a.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    with torch.no_grad():
+        plain = local_ncc(a, b, 3.0)
+    x = a.clone().requires_grad_(True)
+    split = local_ncc(x, b, 3.0)
+    assert torch.equal(split.detach(), plain)
+    y = b.clone().requires_grad_(True)  # the other way round
+    assert torch.equal(local_ncc(a, y, 3.0).detach(), plain)
+    LNCCLoss(3.0)(x, b).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
+def test_chunked_sampling_equals_one_thread():
+    """Batch-1 CPU sampling is cut into one piece per thread; values and point gradients are unchanged."""
+    g = torch.Generator().manual_seed(4)
+    field = torch.randn(1, 3, 20, 22, 24, generator=g)
+    points = torch.rand(1, 3, 41, 37, 33, generator=g) * 1.3 - 0.15  # 50k points, not a multiple of the threads
+    weights = torch.randn(1, 3, 41, 37, 33, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            f = field.clone().requires_grad_(True)
+            p = points.clone().requires_grad_(True)
+            out = maps.sample(f, p)
+            (out * weights).sum().backward()
+            results.append((out.detach(), f.grad, p.grad))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, f1, p1), (o3, f3, p3) = results
+    assert torch.equal(o1, o3)
+    assert torch.equal(p1, p3)
+    assert torch.allclose(f1, f3, rtol=1e-5, atol=1e-5)  # accumulation order of the field gradient differs
+
+
+def test_channels_last_input_grad_conv_equals_plain_conv():
+    conv = torch.nn.Conv3d(18, 3, 3, padding=1)
+    x = torch.randn(1, 18, 15, 16, 17, requires_grad=True)
+    y = conv3d_channels_last_input_grad(x, conv)
+    assert y.is_contiguous()
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    grads = (x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    x.grad = None
+    conv.zero_grad()
+    y2 = conv(x)
+    (y2 * g).sum().backward()
+    assert torch.equal(y, y2)  # the forward pass is the plain convolution
+    assert x.grad.is_contiguous() and grads[0].is_contiguous()
+    assert torch.allclose(grads[0], x.grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(grads[1], conv.weight.grad) and torch.equal(grads[2], conv.bias.grad)
+
+
+def _bn_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_unet_checkpointing_same_output_gradients_and_running_stats():
+    torch.manual_seed(0)
+    plain = UNet2(3)
+    torch.nn.init.normal_(plain.lastConv.weight, std=1e-2)
+    ckpt = UNet2(3, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    a, b = smooth_pair((20, 18, 19), batch=2, seed=5)
+    a.requires_grad_(True)
+    outs = []
+    for net in (plain, ckpt):
+        net.train()
+        a.grad = None
+        out = net(a, b)
+        (out**2).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()], a.grad.clone(), _bn_state(net)))
+    (o0, g0, a0, s0), (o1, g1, a1, s1) = outs
+    assert torch.equal(o0, o1)
+    assert torch.allclose(a0, a1, rtol=0, atol=1e-7)
+    for x, y in zip(g0, g1):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+    for k in s0:  # the running statistics were updated exactly once
+        assert torch.equal(s0[k], s1[k]), k
+
+
+def test_network_checkpointing_same_loss_gradients_and_running_stats():
+    shape = (65, 66, 65)
+    base = random_net(4, 3, seed=3)
+    a, b = smooth_pair(shape, seed=6)
+    noise = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(7))
+    results = []
+    for ckpt in (False, True):
+        net = random_net(4, 3, seed=3)
+        net.load_state_dict(base.state_dict())
+        net.set_checkpointing(ckpt)
+        assert net.checkpointing is ckpt
+        objective = GradICONObjective(net, LNCCLoss(5)).train()
+        out = objective(a, b, noise=noise)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in net.parameters()], _bn_state(net)))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1)
+    scale = max(float(g.abs().max()) for g in g0)
+    assert max(float((x - y).abs().max()) for x, y in zip(g0, g1)) <= 1e-6 * scale
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+
+
+def test_checkpointing_is_inactive_without_grad_and_kept_by_with_final_step():
+    net = random_net(3, 2, seed=1)
+    net.set_checkpointing(True)
+    assert net.with_final_step().checkpointing
+    a, b = smooth_pair((70, 66), seed=2)
+    with torch.no_grad():
+        on = net(a, b).on_grid((70, 66))
+    net.set_checkpointing(False)
+    with torch.no_grad():
+        off = net(a, b).on_grid((70, 66))
+    assert torch.equal(on, off)
+
+
+def test_bf16_mode_is_opt_in_and_close():
+    shape = (65, 65, 65)
+    net = random_net(4, 3, seed=4).eval()
+    a, b = smooth_pair(shape, seed=8)
+    with torch.inference_mode():
+        ref = net(a, b).on_grid(shape)
+        net.set_mixed_precision(torch.bfloat16)
+        low = net(a, b).on_grid(shape)
+        net.set_mixed_precision(None)
+        back = net(a, b).on_grid(shape)
+    assert low.dtype == torch.float32
+    assert torch.equal(back, ref)
+    deviation = float((low - ref).abs().max()) * (shape[0] - 1)
+    displacement = float((ref - maps.identity_map(shape)).abs().max()) * (shape[0] - 1)
+    print(f"bf16 max map deviation {deviation:.3f} voxels (largest displacement {displacement:.2f} voxels)")
+    assert deviation < 0.25 * max(displacement, 1.0)  # a loose sanity bound; bench/RESULTS.md reports the numbers
+
+
+@pytest.mark.slow
+def test_compiled_unets_match_eager():
+    pytest.importorskip("torch._inductor")
+    net = random_net(1, 3, seed=5).eval()
+    a, b = smooth_pair((20, 20, 20), seed=9)
+    with torch.no_grad():
+        eager = net(a, b).on_grid((20, 20, 20))
+        net.compile_unets()
+        try:
+            compiled = net(a, b).on_grid((20, 20, 20))
+        except Exception as exc:  # no working C++ toolchain for inductor here
+            pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}"[:300])
+    assert torch.allclose(compiled, eager, atol=1e-5)
