@@ -71,7 +71,6 @@ def test_summary_and_targets_from_rows():
     assert rep["train_step_memory_ratio"]["met_with_checkpointing"]
 
 
-@pytest.mark.slow
 def test_orchestrator_writes_json_with_required_keys(tmp_path):
     pytest.importorskip("icon_registration")
     out = tmp_path / "bench.json"
