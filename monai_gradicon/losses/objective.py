@@ -33,7 +33,7 @@ class ObjectiveOutput:
         similarity: ``sim(A o Phi_AB, B) + sim(B o Phi_BA, A)``.
         regularizer: the inverse-consistency term (before multiplying by lambda).
         transform_magnitude: ``mean((id - Phi_AB(id))²)``.
-        folds: folded cells of ``Phi_BA`` per batch element (the reference's ``flips``; no gradient).
+        folds: folded cells of ``Phi_BA``, summed over the batch and divided by B (the reference's ``flips``; no gradient).
         phi_ab, phi_ba: the maps on the input grid, ``[B, dim, *S]``.
         warped_moving, warped_fixed: ``A o Phi_AB`` and ``B o Phi_BA``, ``[B, C, *S]``.
     """
