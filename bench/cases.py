@@ -13,7 +13,11 @@ Cases (``N`` = spatial size, 4-step model, batch 1):
 * ``io_step``    one instance-optimization step: eval mode, Adam lr 2e-5 over all parameters, objective
   forward + backward + step.
 
-Variants of ours (opt-in modes): ``checkpointing`` (activation checkpointing, same numbers), ``bf16`` (UNets under
+Variants of ours (opt-in modes): ``exact`` (no channels-last layers: the reference's exact operations),
+``checkpointing`` (activation checkpointing, same numbers), ``lean``
+(checkpointing plus recomputed compositions, ``ComposedTransform.recompute_in_backward``, in a process whose glibc
+allocator returns every block of 1 MiB or more to the system when it is freed, ``MALLOC_MMAP_THRESHOLD_=1048576``;
+the reference can be run with the same allocator setting), ``bf16`` (UNets under
 bfloat16 autocast, numbers change: the deviation from float32 is reported), ``compile`` (``torch.compile`` of the
 UNets).
 """
@@ -32,7 +36,9 @@ import torch
 
 IMPLS = ("reference", "ours")
 CASES = ("inference", "train_step", "lncc", "io_step")
-VARIANTS = ("default", "checkpointing", "bf16", "compile")
+VARIANTS = ("default", "exact", "checkpointing", "lean", "bf16", "compile")
+# environment of the worker process per variant (must be set before the process starts)
+VARIANT_ENV = {"lean": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 NOISE_SEED = 1234
 IMAGE_SEED = 7
 LNCC_SIGMA = 5
@@ -123,10 +129,16 @@ def _ours_network(state: dict, device, variant: str):
     from monai_gradicon.networks import gradicon_network
     from monai_gradicon.weights import load_official_weights
 
-    net = gradicon_network(4, 3, checkpointing=(variant == "checkpointing"))
+    net = gradicon_network(4, 3, checkpointing=variant in ("checkpointing", "lean"))
+    if variant == "lean":
+        from monai_gradicon.coordinate_transforms import ComposedTransform
+
+        ComposedTransform.recompute_in_backward = True  # this worker process only
     load_official_weights(net, state)
     net = net.to(device)
-    if variant == "bf16":
+    if variant == "exact":
+        net.set_channels_last(False)
+    elif variant == "bf16":
         net.set_mixed_precision(torch.bfloat16)
     elif variant == "compile":
         net.compile_unets()
@@ -145,8 +157,8 @@ def build_case(impl: str, case: str, n: int, state_path: str | None, device, var
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if case not in CASES:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
-    if impl == "reference" and variant != "default":
-        raise ValueError("variants apply to ours only")
+    if impl == "reference" and variant not in ("default", "lean"):
+        raise ValueError("the reference has no modes (only the allocator setting of 'lean')")
     device = torch.device(device)
     shape = (n, n, n)
     a, b = make_images(n, device)
@@ -183,6 +195,7 @@ def build_case(impl: str, case: str, n: int, state_path: str | None, device, var
         net.eval()
         if impl == "reference":
             net.assign_identity_map([1, 1, *shape])
+            net.to(device)
             ident = net.identity_map
 
             def ref_infer():
@@ -313,3 +326,50 @@ def run_case(
         result["peak_cuda_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     result["peak_memory_bytes"] = result.get("peak_cuda_allocated_bytes", result["peak_rss_bytes"])
     return result
+
+
+def run_interleaved(
+    entries: list[tuple[str, str]],
+    case: str,
+    n: int,
+    state_path: str | None,
+    device="cpu",
+    repeats: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    save_maps: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Time several (implementation, variant) entries of one case **in one process, iteration by iteration in
+    turn** (A, B, C, A, B, C, ...), so that a change of load on a shared machine hits all of them alike. Peak
+    memory is not measured here (see :func:`run_case`). Returns, per ``"impl:variant"``, the timed iterations and
+    the output values of the first iteration."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    built = {f"{impl}:{variant}": build_case(impl, case, n, state_path, device, variant) for impl, variant in entries}
+    out: dict[str, dict] = {
+        key: {"times_s": [], "cpu_times_s": [], "values": None} for key in built
+    }
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for i in range(warmup + repeats):
+        for key, b in built.items():
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = b.step()
+            _sync(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if out[key]["values"] is None:
+                out[key]["values"] = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+                if "map" in result and save_maps and key in save_maps:
+                    torch.save(result["map"].detach().float().cpu(), save_maps[key])
+            if i >= warmup:
+                out[key]["times_s"].append(dt)
+                out[key]["cpu_times_s"].append(dc)
+            result = None
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for key, r in out.items():
+        r["median_s"] = statistics.median(r["times_s"]) if r["times_s"] else None
+        r["median_cpu_s"] = statistics.median(r["cpu_times_s"]) if r["cpu_times_s"] else None
+        r["loadavg_before"], r["loadavg_after"] = load_before, load_after
+        r["threads"] = torch.get_num_threads()
+    return out

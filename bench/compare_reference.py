@@ -4,17 +4,21 @@
     python bench/compare_reference.py [--quick] [--json FILE] [--device cpu|cuda] [--sizes 96 175] ...
 
 Both implementations run the same 4-step GradICON network with the same random weights (a reference state dict,
-loaded into ours with ``monai_gradicon.weights.load_official_weights``) on the same random smooth images. Every
-(implementation, size, case) runs in its own process so that its peak memory (peak RSS on CPU, max allocated on
-GPU) is clean; reference and ours run back to back for each case. Times are the median of ``--repeats`` iterations
-after ``--warmup`` untimed ones. The first iteration's outputs are compared (map difference in voxels, relative
-loss difference) so a speed-up cannot come from computing something else.
+loaded into ours with ``monai_gradicon.weights.load_official_weights``) on the same random smooth images.
 
-``--quick``: 96³ only, the default mode plus activation checkpointing for the training step; about 6 minutes on
-2 CPU cores. Default (full): 96³ and 175³, plus the checkpointing and bf16 modes. The JSON holds every raw
+* **Time**: for each (size, case) one process builds the reference and every mode of ours and runs their iterations
+  in turn (ref, ours, ours-mode, ref, ours, ...): ``--warmup`` untimed rounds, then ``--repeats`` timed ones; the
+  median is reported. Interleaving makes the ratio robust to other jobs on a shared machine.
+* **Peak memory**: each (implementation, mode) runs again alone in a fresh process (one warm-up and one measured
+  iteration, so Adam's moments exist), and reports peak RSS on CPU or ``torch.cuda.max_memory_allocated`` on GPU.
+* **Agreement**: the first iteration's outputs are compared (map difference in voxels, relative loss difference),
+  so a speed-up cannot come from computing something else.
+
+``--quick``: 96³ only, plus activation checkpointing (and the ``lean`` allocator setting) for the training step;
+about 7 minutes on 2 otherwise idle CPU cores. Default (full): 96³ and 175³, plus bf16. The JSON holds every raw
 measurement and, at top level, the ratios ours/reference at the largest size run: ``train_step_time_ratio``,
 ``train_step_memory_ratio``, ``inference_time_ratio``, ``lncc_time_ratio`` (and ``io_step_time_ratio``, and
-``..._checkpointing`` / ``..._bf16`` ratios where those modes ran).
+``..._checkpointing`` / ``..._lean`` / ``..._bf16`` ratios where those modes ran).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ TARGETS = {  # ratio ours / reference must be <= this (issue 6)
 }
 
 # which opt-in modes of ours are measured, per case
-QUICK_VARIANTS = {"train_step": ["checkpointing"]}
-FULL_VARIANTS = {"train_step": ["checkpointing", "bf16"], "inference": ["bf16"], "io_step": ["checkpointing"]}
+QUICK_VARIANTS = {"train_step": ["checkpointing", "lean"]}
+FULL_VARIANTS = {"train_step": ["checkpointing", "lean", "bf16"], "inference": ["bf16"]}
+# modes the reference is also run in (only the allocator setting applies to it)
+REFERENCE_VARIANTS = {"lean"}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -109,25 +115,33 @@ def _cpu_name() -> str:
 # ----------------------------------------------------------------------------------------------------- worker
 def worker_main(spec_json: str, out_path: str) -> int:
     spec = json.loads(spec_json)
-    from cases import run_case
+    from cases import run_case, run_interleaved
 
-    result = run_case(**spec)
+    mode = spec.pop("mode")
+    if mode == "time":
+        spec["entries"] = [tuple(e) for e in spec["entries"]]
+        result = run_interleaved(**spec)
+    else:
+        result = run_case(**spec)
     with open(out_path, "w") as f:
         json.dump(result, f)
     return 0
 
 
 def run_worker(spec: dict, workdir: str, timeout: float) -> dict:
+    from cases import VARIANT_ENV
+
     out = tempfile.NamedTemporaryFile(dir=workdir, suffix=".json", delete=False).name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec), "--worker-out", out]
     env = dict(os.environ)
+    env.update(VARIANT_ENV.get(spec.get("variant", "default"), {}))
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-3000:]
-        return {**spec, "error": f"worker exited with {proc.returncode}: {tail}", "process_wall_s": wall}
+        return {"error": f"worker exited with {proc.returncode}: {tail}", "process_wall_s": wall}
     with open(out) as f:
         result = json.load(f)
     os.unlink(out)
@@ -176,19 +190,21 @@ def build_rows(results: list[dict], sizes: list[int], cases: list[str]) -> list[
     rows = []
     for n in sizes:
         for case in cases:
-            ref = next((r for r in results if r.get("impl") == "reference" and r["case"] == case and r["size"] == n), None)
+            ref = next((r for r in results if r.get("impl") == "reference" and r["case"] == case and r["size"] == n
+                        and r.get("variant", "default") == "default"), None)
             for r in results:
-                if r.get("impl") != "ours" or r["case"] != case or r["size"] != n:
+                if r["case"] != case or r["size"] != n or r is ref:
                     continue
                 row = {
                     "size": n,
                     "case": case,
-                    "variant": r["variant"],
+                    "variant": r["variant"] if r.get("impl") == "ours" else f"ref:{r['variant']}",
                     "ours_s": r.get("median_s"),
                     "ours_peak_bytes": r.get("peak_memory_bytes"),
                     "ref_s": ref.get("median_s") if ref else None,
                     "ref_peak_bytes": ref.get("peak_memory_bytes") if ref else None,
                     "error": r.get("error") or (ref.get("error") if ref else None),
+                    "timing": r.get("timing"),
                 }
                 row["time_ratio"] = (
                     row["ours_s"] / row["ref_s"] if row["ours_s"] and row["ref_s"] else None
@@ -213,11 +229,14 @@ def format_table(rows: list[dict], memory_label: str) -> str:
         if r.get("error"):
             lines.append(f"{r['size']:>5} {r['case']:<11} {r['variant']:<13} ERROR {r['error'][:160]!r}")
             continue
+        own = "*" if r.get("timing") == "own process" else ""
         lines.append(
-            f"{r['size']:>5} {r['case']:<11} {r['variant']:<13} {_fmt_s(r['ref_s']):>10} {_fmt_s(r['ours_s']):>10} "
+            f"{r['size']:>5} {r['case']:<11} {r['variant']:<13} {_fmt_s(r['ref_s']):>10} {_fmt_s(r['ours_s']) + own:>10} "
             f"{_fmt_r(r['time_ratio']):>6} {_fmt_b(r['ref_peak_bytes']):>14} {_fmt_b(r['ours_peak_bytes']):>14} "
             f"{_fmt_r(r['memory_ratio']):>6}  {_agreement_text(r['agreement'])}"
         )
+    if any(r.get("timing") == "own process" for r in rows):
+        lines.append("* timed in its own process (its allocator setting), not interleaved with the reference")
     return "\n".join(lines)
 
 
@@ -230,9 +249,9 @@ def summary(rows: list[dict]) -> dict:
         return max(cands, key=lambda r: r["size"]) if cands else None
 
     for case in ("train_step", "inference", "lncc", "io_step"):
-        for variant in ("default", "checkpointing", "bf16", "compile"):
+        for variant in ("default", "checkpointing", "lean", "ref:lean", "bf16", "compile"):
             r = pick(case, variant)
-            suffix = "" if variant == "default" else f"_{variant}"
+            suffix = "" if variant == "default" else "_" + variant.replace("ref:", "reference_")
             if r is None:
                 if variant == "default":
                     out[f"{case}_time_ratio"] = None
@@ -251,13 +270,71 @@ def targets_report(top: dict) -> dict:
         value = top.get(key)
         rep[key] = {"target": limit, "value": value, "met": (value is not None and value <= limit)}
     # the memory target is also met by the opt-in checkpointing mode when it is not met by default
-    ck = top.get("train_step_memory_ratio_checkpointing")
-    if ck is not None:
-        rep["train_step_memory_ratio"]["value_checkpointing"] = ck
-        rep["train_step_memory_ratio"]["met_with_checkpointing"] = ck <= TARGETS["train_step_memory_ratio"]
-        ckt = top.get("train_step_time_ratio_checkpointing")
-        rep["train_step_time_ratio"]["value_checkpointing"] = ckt
+    for mode in ("checkpointing", "lean"):
+        mem = top.get(f"train_step_memory_ratio_{mode}")
+        if mem is not None:
+            rep["train_step_memory_ratio"][f"value_{mode}"] = mem
+            rep["train_step_memory_ratio"][f"met_with_{mode}"] = mem <= TARGETS["train_step_memory_ratio"]
+            rep["train_step_time_ratio"][f"value_{mode}"] = top.get(f"train_step_time_ratio_{mode}")
     return rep
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+def measure_case(args, case: str, n: int, variants: list[str], weights: str, workdir: str, threads) -> list[dict]:
+    """Time the entries of one case interleaved in one process, then measure each one's peak memory alone."""
+    from cases import VARIANT_ENV
+
+    timed = [(impl, "default") for impl in args.impls]
+    timed += [("ours", v) for v in variants if v != "default" and v not in VARIANT_ENV and "ours" in args.impls]
+    solo = []  # modes that need their own process environment: timed alone, in their memory run
+    for v in variants:
+        if v in VARIANT_ENV:
+            solo += [(impl, v) for impl in ("ours", "reference") if impl in args.impls and
+                     (impl == "ours" or v in REFERENCE_VARIANTS)]
+    common = {"case": case, "n": n, "state_path": None if case == "lncc" else weights, "device": args.device,
+              "threads": threads}
+    maps = {f"{i}:{v}": os.path.join(workdir, f"map_{i}_{v}_{n}.pt") for i, v in timed + solo} \
+        if case == "inference" else {}
+    records = {f"{i}:{v}": {"impl": i, "variant": v, "case": case, "size": n, "device": args.device,
+                            "save_map": maps.get(f"{i}:{v}")} for i, v in timed + solo}
+
+    t0 = time.perf_counter()
+    timing = run_worker({"mode": "time", "entries": timed, "repeats": args.repeats, "warmup": args.warmup,
+                         "save_maps": maps or None, **common}, workdir, args.timeout)
+    if "error" in timing:
+        for key in records:
+            if tuple(key.split(":")) in timed:
+                records[key]["error"] = timing["error"]
+    else:
+        for key, r in timing.items():
+            if key in records:
+                records[key].update({**r, "timing": "interleaved"})
+    print(f"  {n:>4}³ {case:<11} timed {', '.join(f'{i}:{v}' for i, v in timed)} in turn "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    if args.memory_runs:
+        for impl, variant in timed + solo:
+            key = f"{impl}:{variant}"
+            t0 = time.perf_counter()
+            own = (impl, variant) in solo
+            mem = run_worker({"mode": "memory", "impl": impl, "variant": variant, "repeats": args.repeats if own
+                              else 1, "warmup": args.warmup if own else 1, "save_map": maps.get(key), **common},
+                             workdir, args.timeout)
+            rec = records[key]
+            if "error" in mem:
+                rec.setdefault("error", mem["error"])
+            else:
+                rec["peak_memory_bytes"] = mem["peak_memory_bytes"]
+                rec["peak_rss_bytes"] = mem["peak_rss_bytes"]
+                rec["memory_run"] = {k: mem[k] for k in ("times_s", "median_s", "loadavg_before", "loadavg_after")}
+                if own:  # no interleaved timing for this mode: its own run's times
+                    rec.update({k: mem[k] for k in ("times_s", "median_s", "cpu_times_s", "median_cpu_s", "values")})
+                    rec["timing"] = "own process"
+            status = rec.get("error", "")[:200] if "error" in rec else (
+                f"median {_fmt_s(rec.get('median_s'))}, peak {_fmt_b(rec.get('peak_memory_bytes'))}")
+            print(f"  {n:>4}³ {case:<11} {impl:<9} {variant:<13} {status}  ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    return list(records.values())
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -278,6 +355,8 @@ def parse_args(argv=None):
                         "default: quick = checkpointing for train_step; full = checkpointing + bf16")
     p.add_argument("--impls", nargs="+", default=["reference", "ours"], choices=["reference", "ours"])
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--no-memory-runs", dest="memory_runs", action="store_false",
+                   help="skip the separate peak-memory processes (times only)")
     p.add_argument("--workdir", default=None, help="scratch folder (weights, maps); default a temp folder")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -321,30 +400,7 @@ def main(argv=None) -> int:
     results: list[dict] = []
     for n in sizes:
         for case in args.cases:
-            plan = [(impl, "default") for impl in args.impls]
-            if "ours" in args.impls:
-                plan += [("ours", v) for v in variant_map.get(case, []) if v != "default"]
-            for impl, variant in plan:
-                spec = {
-                    "impl": impl,
-                    "case": case,
-                    "n": n,
-                    "state_path": None if case == "lncc" else weights,
-                    "device": args.device,
-                    "repeats": args.repeats,
-                    "warmup": args.warmup,
-                    "variant": variant,
-                    "threads": threads,
-                    "save_map": os.path.join(workdir, f"map_{impl}_{variant}_{n}.pt") if case == "inference" else None,
-                }
-                t0 = time.perf_counter()
-                r = run_worker(spec, workdir, args.timeout)
-                r["save_map"] = spec["save_map"]
-                results.append(r)
-                status = r.get("error", "")[:200] if "error" in r else (
-                    f"median {_fmt_s(r['median_s'])}, peak {_fmt_b(r['peak_memory_bytes'])}")
-                print(f"  {n:>4}³ {case:<11} {impl:<9} {variant:<13} {status}  ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+            results += measure_case(args, case, n, variant_map.get(case, []), weights, workdir, threads)
 
     rows = build_rows(results, sizes, args.cases)
     mem_label = "max alloc" if args.device.startswith("cuda") else "peak RSS"
@@ -366,9 +422,9 @@ def main(argv=None) -> int:
     print(table)
     print()
     for key, t in report["targets"].items():
-        extra = ""
-        if "value_checkpointing" in t:
-            extra = f" (checkpointing mode: {_fmt_r(t['value_checkpointing'])})"
+        extra = "".join(
+            f"; {mode} mode {_fmt_r(t['value_' + mode])}" for mode in ("checkpointing", "lean") if "value_" + mode in t
+        )
         print(f"{key:<26} {_fmt_r(t['value']):>6}  target <= {t['target']}  {'met' if t['met'] else 'NOT met'}{extra}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -51,10 +51,16 @@ def test_case_runs_and_reports(case, weights, tmp_path):
 
 
 def test_first_iteration_matches_reference(weights):
-    ours = cases.build_case("ours", "train_step", N, weights, "cpu").step()
     ref = cases.build_case("reference", "train_step", N, weights, "cpu").step()
+    exact = cases.build_case("ours", "train_step", N, weights, "cpu", variant="exact").step()
+    ours = cases.build_case("ours", "train_step", N, weights, "cpu").step()
     for key in ("loss", "similarity", "regularizer"):
-        assert ours[key] == pytest.approx(ref[key], rel=1e-5), key
+        assert exact[key] == pytest.approx(ref[key], rel=1e-5), key
+    # default (channels-last): the finite-difference regularizer amplifies float32 rounding of the maps to ~1e-4
+    # (the reference shows the same against itself in channels-last: tests/test_parity_reference.py)
+    assert ours["similarity"] == pytest.approx(ref["similarity"], rel=1e-5)
+    for key in ("loss", "regularizer"):
+        assert ours[key] == pytest.approx(ref[key], rel=5e-4), key
 
 
 def test_summary_and_targets_from_rows():
@@ -88,4 +94,5 @@ def test_orchestrator_writes_json_with_required_keys(tmp_path):
     inference = next(r for r in report["rows"] if r["case"] == "inference")
     assert inference["agreement"]["max_map_diff_voxels"] < 1e-3
     train = next(r for r in report["rows"] if r["case"] == "train_step")
-    assert train["agreement"]["rel_diff_loss"] < 1e-5
+    # float32 rounding of the maps, amplified ~1000x by the finite-difference regularizer (see test_parity_reference)
+    assert train["agreement"]["rel_diff_loss"] < 5e-4

@@ -5,6 +5,8 @@ These compare against the installed reference package, not against saved outputs
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -163,6 +165,20 @@ def test_exported_weights_load_into_reference():
     assert diff <= MAP_TOL
 
 
+def channels_last_copy(*tensors):
+    return [t.contiguous(memory_format=torch.channels_last_3d) for t in tensors]
+
+
+def reference_layout_deviation(ref_run, a, b):
+    """The reference's own disagreement under a change of memory layout only: its network in channels-last (oneDNN's
+    other kernels: the same sums in another order). ``ref_run(a, b)`` returns a dict of values; this returns the same
+    dict computed with channels-last modules and inputs. GradICON's finite-difference regularizer (delta 1e-3)
+    amplifies float32 rounding of the maps about a thousandfold, so this is the scale "float32 rounding" has for
+    the loss terms and their gradients."""
+    return ref_run(*channels_last_copy(a, b), channels_last=True)
+
+
+@pytest.mark.parametrize("layout", ["exact", "default"])
 @pytest.mark.parametrize(
     "kind,sim_ours,sim_ref,lmbda",
     [
@@ -171,31 +187,47 @@ def test_exported_weights_load_into_reference():
         ("icon", SSDLoss(), ref_losses.SSD(), 2.0),
     ],
 )
-def test_loss_terms_equal_reference_3d(kind, sim_ours, sim_ref, lmbda):
+def test_loss_terms_equal_reference_3d(kind, sim_ours, sim_ref, lmbda, layout):
+    """``exact``: our network in the reference's memory layout gives the reference's loss terms to 1e-5.
+    ``default`` (channels-last high-resolution layers on CPU): within twice the reference's own deviation when only its
+    memory layout changes."""
     shape = (65, 65, 65)
     ref_net, ours = matched_pair(4, 3, seed=11)
+    if layout == "exact":
+        ours.set_channels_last(False)
     ref_model = reference_loss(kind, ref_net, sim_ref, lmbda, shape)
     objective = GradICONObjective(ours, sim_ours, lmbda=lmbda, regularizer=kind)
     ref_model.train()
     objective.train()
     a, b = smooth_images(shape, batch=2, seed=3)
+
+    def ref_run(a, b, channels_last=False):
+        if channels_last:
+            ref_model.to(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            torch.manual_seed(1234)  # the reference draws its jitter as the first randn after the network passes
+            r = ref_model(a, b)
+        return {"loss": r.all_loss, "regularizer": r.inverse_consistency_loss, "similarity": r.similarity_loss,
+                "transform_magnitude": r.transform_magnitude, "folds": r.flips}
+
+    ref = ref_run(a, b)
     with torch.no_grad():
-        torch.manual_seed(1234)  # the reference draws its jitter as the first randn after the network passes
-        r = ref_model(a, b)
         noise = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1234))
         o = objective(a, b, noise=noise)
-    pairs = {
-        "loss": (o.loss, r.all_loss),
-        "regularizer": (o.regularizer, r.inverse_consistency_loss),
-        "similarity": (o.similarity, r.similarity_loss),
-        "transform_magnitude": (o.transform_magnitude, r.transform_magnitude),
-    }
-    for name, (ours_v, ref_v) in pairs.items():
-        err = rel_err(ours_v, ref_v)
-        print(f"{kind} {name}: ours {float(ours_v):.8g} ref {float(ref_v):.8g} rel {err:.2e}")
-        assert err <= LOSS_RTOL, name
-    assert float(o.folds) == float(r.flips)
-    assert float(r.inverse_consistency_loss) > 0
+    ours_v = {"loss": o.loss, "regularizer": o.regularizer, "similarity": o.similarity,
+              "transform_magnitude": o.transform_magnitude}
+    tol = dict.fromkeys(ours_v, LOSS_RTOL)
+    if layout == "default":
+        ref_cl = reference_layout_deviation(ref_run, a, b)
+        tol = {k: max(LOSS_RTOL, 2 * rel_err(ref_cl[k], ref[k])) for k in ours_v}
+    for name in ours_v:
+        err = rel_err(ours_v[name], ref[name])
+        print(f"{kind} {layout} {name}: ours {float(ours_v[name]):.8g} ref {float(ref[name]):.8g} rel {err:.2e} "
+              f"(tolerance {tol[name]:.2e})")
+        assert err <= tol[name], name
+    if layout == "exact":
+        assert float(o.folds) == float(ref["folds"])
+    assert float(ref["regularizer"]) > 0
 
 
 @pytest.mark.parametrize("kind", ["gradicon_sparse", "gradicon", "icon"])
@@ -214,26 +246,45 @@ def test_loss_terms_equal_reference_2d(kind):
         assert rel_err(ours_v, ref_v) <= LOSS_RTOL
 
 
-def test_gradients_equal_reference():
-    """One backward pass: the gradient of the loss w.r.t. every weight matches (training parity)."""
+@pytest.mark.parametrize("layout", ["exact", "default"])
+def test_gradients_equal_reference(layout):
+    """One backward pass: the gradient of the loss w.r.t. every weight matches (training parity). ``exact``: to 1e-5
+    of the largest gradient. ``default`` (channels-last on CPU): within twice the reference's own deviation when only
+    its memory layout changes (about 1e-2 here: the finite-difference regularizer amplifies rounding)."""
     shape = (65, 65, 65)
     ref_net, ours = matched_pair(4, 3, seed=13)
-    ref_model = reference_loss("gradicon_sparse", ref_net, ref_losses.LNCC(5), 1.5, shape)
+    ref_net_cl = copy.deepcopy(ref_net)
+    if layout == "exact":
+        ours.set_channels_last(False)
     objective = GradICONObjective(ours, LNCCLoss(5), lmbda=1.5)
     a, b = smooth_images(shape, batch=1, seed=5)
-    torch.manual_seed(5)
-    ref_model(a, b).all_loss.backward()
+
+    def ref_grads(net, a, b, channels_last=False):
+        model = reference_loss("gradicon_sparse", net, ref_losses.LNCC(5), 1.5, shape)
+        if channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        torch.manual_seed(5)
+        model(a, b).all_loss.backward()
+        return network_to_official_state_grads(net)
+
+    ref = ref_grads(ref_net, a, b)
     objective(a, b, noise=torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(5))).loss.backward()
-    ref_grads = network_to_official_state_grads(ref_net)
     # Relative to the largest gradient: biases feeding a train-mode BatchNorm have a true gradient of 0, so their
     # computed values are pure rounding noise and a per-tensor relative error would be meaningless.
-    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    scale = max(float(g.abs().max()) for g in ref.values())
     worst = 0.0
     for i, step in enumerate(ours.steps):
         for name, p in step.unet.named_parameters():
-            worst = max(worst, float((p.grad - ref_grads[(i, name)]).abs().max()) / scale)
-    print(f"worst gradient difference relative to the largest gradient: {worst:.2e}")
-    assert worst <= 1e-5
+            worst = max(worst, float((p.grad - ref[(i, name)]).abs().max()) / scale)
+    tolerance = 1e-5
+    if layout == "default":
+        ref_cl = reference_layout_deviation(lambda a, b, channels_last: ref_grads(ref_net_cl, a, b, True), a, b)
+        self_dev = max(float((ref_cl[k] - ref[k]).abs().max()) for k in ref) / scale
+        print(f"reference vs itself in channels-last: {self_dev:.2e}")
+        assert self_dev < 0.05  # sanity: rounding, not a different computation
+        tolerance = max(tolerance, 2 * self_dev)
+    print(f"{layout}: worst gradient difference relative to the largest gradient: {worst:.2e}")
+    assert worst <= tolerance
 
 
 def network_to_official_state_grads(ref_net):

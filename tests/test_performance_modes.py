@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai_gradicon import maps
 from monai_gradicon.losses import GradICONObjective, LNCCLoss, gaussian_blur, gaussian_kernel1d, local_ncc
 from monai_gradicon.networks import UNet2, gradicon_network
-from monai_gradicon.networks.unet2 import conv3d_channels_last_input_grad
+from monai_gradicon.networks.unet2 import _CropCatChannelsLast, conv3d_channels_last_input_grad
 
 
 def conv_blur(x, sigma, kernel_size=None):
@@ -219,3 +219,85 @@ def test_compiled_unets_match_eager():
         except Exception as exc:  # no working C++ toolchain for inductor here
             pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}"[:300])
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,skip_shape", [((2, 4, 8, 8, 8), (2, 2, 7, 8, 7)), ((1, 3, 6, 6, 6), (1, 2, 6, 6, 6))])
+def test_crop_cat_channels_last_equals_crop_then_cat(x_shape, skip_shape):
+    cl = torch.channels_last_3d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=g).contiguous(memory_format=cl).requires_grad_(True)
+    skip = torch.randn(skip_shape, generator=g).contiguous(memory_format=cl).requires_grad_(True)
+    out = _CropCatChannelsLast.apply(x, skip)
+    ref = torch.cat([x[:, :, : skip_shape[2], : skip_shape[3], : skip_shape[4]], skip], dim=1)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=cl)
+    grad = torch.randn(out.shape, generator=g)
+    gx, gs = torch.autograd.grad(out, (x, skip), grad)
+    rx, rs = torch.autograd.grad(ref, (x, skip), grad)
+    assert torch.equal(gx, rx) and torch.equal(gs, rs)  # including the zeros of the cropped-off border
+    assert gx.is_contiguous(memory_format=cl) and gs.is_contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 5])
+def test_recomputed_tail_same_output_gradients_and_running_stats(levels):
+    """UNet2's recomputed top levels (the default when gradients are needed) change neither the output, nor the
+    gradients, nor how often BatchNorm updates its running statistics; odd sizes exercise the crop."""
+    torch.manual_seed(0)
+    keep = UNet2(3, recompute_levels=0)
+    torch.nn.init.normal_(keep.lastConv.weight, std=1e-2)
+    tail = UNet2(3, recompute_levels=levels)
+    tail.load_state_dict(keep.state_dict())
+    a, b = smooth_pair((19, 21, 18), batch=2, seed=5)
+    a.requires_grad_(True)
+    outs = []
+    for net in (keep, tail):
+        net.train()
+        a.grad = None
+        out = net(a, b)
+        (out**2).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()], a.grad.clone(), _bn_state(net)))
+    (o0, g0, a0, s0), (o1, g1, a1, s1) = outs
+    assert torch.equal(o0, o1)
+    assert torch.equal(a0, a1)
+    for x, y in zip(g0, g1):
+        assert torch.equal(x, y)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+
+
+def test_recompute_levels_is_validated():
+    with pytest.raises(ValueError, match="recompute_levels"):
+        UNet2(3, recompute_levels=6)
+
+
+def test_recomputed_compositions_same_values_and_gradients(monkeypatch):
+    from monai_gradicon.coordinate_transforms import ComposedTransform
+
+    shape = (65, 65, 66)
+    a, b = smooth_pair(shape, seed=2)
+    noise = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for recompute in (False, True):
+        monkeypatch.setattr(ComposedTransform, "recompute_in_backward", recompute)
+        net = random_net(4, 3, seed=4)
+        out = GradICONObjective(net, LNCCLoss(5)).train()(a, b, noise=noise)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.phi_ab.detach(), [p.grad.clone() for p in net.parameters()]))
+    (l0, m0, g0), (l1, m1, g1) = results
+    assert torch.equal(l0, l1) and torch.equal(m0, m1)
+    for x, y in zip(g0, g1):
+        assert torch.equal(x, y)
+
+
+def test_channels_last_switch_is_respected():
+    net = random_net(1, 3, seed=5)
+    a, b = smooth_pair((20, 22, 21), seed=1)
+    unet = net.steps[0].unet
+    assert unet._channels_last(a)  # automatic on CPU float32 3D
+    net.set_channels_last(False)
+    assert not unet._channels_last(a)
+    with torch.no_grad():
+        exact = net(a, b).on_grid((20, 22, 21))
+    net.set_channels_last(None)
+    with torch.no_grad():
+        fast = net(a, b).on_grid((20, 22, 21))
+    assert torch.allclose(exact, fast, atol=1e-6)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_gradicon.recompute import checkpoint_call, is_checkpointed
+
 __all__ = ["gaussian_kernel1d", "gaussian_blur", "local_ncc", "LNCCLoss", "SquaredLNCCLoss", "SSDLoss", "masked_mean"]
 
 
@@ -86,6 +88,14 @@ def local_ncc(pred: torch.Tensor, target: torch.Tensor, sigma: float, eps: float
     else:
         moments = gaussian_blur(torch.cat([pred, target, pred * target, pred * pred, target * target], dim=1), sigma)
         mu_i, mu_j, m_ij, m_ii, m_jj = torch.split(moments, c, dim=1)
+    if torch.is_grad_enabled() and not is_checkpointed():
+        # the pointwise tail would keep about six image-sized temporaries for the backward pass; recomputing it
+        # there is cheap (a few elementwise passes) and gives the same values
+        return checkpoint_call(_ncc_from_moments, mu_i, mu_j, m_ij, m_ii, m_jj, eps)
+    return _ncc_from_moments(mu_i, mu_j, m_ij, m_ii, m_jj, eps)
+
+
+def _ncc_from_moments(mu_i, mu_j, m_ij, m_ii, m_jj, eps: float) -> torch.Tensor:
     var_i = torch.relu(m_ii - mu_i**2) + eps
     var_j = torch.relu(m_jj - mu_j**2) + eps
     return (m_ij - mu_i * mu_j) / torch.sqrt(var_i * var_j)

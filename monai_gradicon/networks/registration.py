@@ -31,7 +31,8 @@ from torch import nn
 
 from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
 from monai_gradicon.maps import map_to_ddf, sample
-from monai_gradicon.networks.unet2 import UNet2, checkpoint_call, is_recomputing, unet2_min_size
+from monai_gradicon.networks.unet2 import UNet2, unet2_min_size
+from monai_gradicon.recompute import checkpoint_call, is_recomputing
 
 __all__ = [
     "VectorFieldStep",
@@ -181,6 +182,13 @@ class GradICONNetwork(nn.Module):
         for step in self.steps:  # the step-level recomputation already covers the UNets
             if isinstance(step.unet, UNet2):
                 step.unet.checkpointing = False
+
+    def set_channels_last(self, enabled: bool | None) -> None:
+        """Channels-last high-resolution layers in every UNet (see :class:`UNet2`): ``None`` automatic (on for 3D
+        float32 CPU), ``False`` the reference's exact operations (bit-identical maps, slower on CPU)."""
+        for step in self.steps:
+            if isinstance(step.unet, UNet2):
+                step.unet.channels_last = enabled
 
     def set_mixed_precision(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
         """Opt-in reduced precision: run the UNets under ``torch.autocast(dtype)`` (``None`` switches it off).
