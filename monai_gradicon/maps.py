@@ -88,8 +88,13 @@ def sample(
         raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
     sizes = image.shape[2:]
     # grid_sample wants [-1, 1] coordinates, channels last and in (x, y, z) = reversed axis order.
-    scaled = [points[:, k] * 2.0 - 1.0 if sizes[k] > 1 else points[:, k] for k in range(dim)]
-    grid = torch.stack(scaled[::-1], dim=-1)
+    if all(n > 1 for n in sizes):
+        # whole-tensor ops: the backward is two passes over the points instead of a zero-filled tensor per axis
+        # (same values: 2p is exact, so 2p - 1 rounds once either way)
+        grid = points.flip(1).mul(2.0).sub_(1.0).movedim(1, -1)
+    else:  # an axis of one voxel keeps its coordinate (0)
+        scaled = [points[:, k] * 2.0 - 1.0 if sizes[k] > 1 else points[:, k] for k in range(dim)]
+        grid = torch.stack(scaled[::-1], dim=-1)
     if grid.shape[0] == 1 and image.shape[0] != 1:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     elif image.shape[0] == 1 and grid.shape[0] != 1:

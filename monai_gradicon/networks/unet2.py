@@ -333,7 +333,8 @@ class UNet2(nn.Module):
         low = match_channels(x, y.shape[1])
         if channels_last:  # a channel slice of a channels-last tensor would take the slow strided upsampling path
             low = low.contiguous(memory_format=torch.channels_last_3d)
-        return y + F.interpolate(low, scale_factor=2, mode=self._interp_mode, align_corners=False)
+        # y is a fresh convolution output that no backward needs: summing into it saves a full-resolution buffer
+        return y.add_(F.interpolate(low, scale_factor=2, mode=self._interp_mode, align_corners=False))
 
     def _leaky_conv(self, conv: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """``conv(leaky_relu(x))``, by the fastest route that gives the reference's numbers (see the helpers)."""
