@@ -482,6 +482,7 @@ class RegistrationResult:
             self.warped_moving,
             deformation,
             jacobian=self.jacobian,
+            spacing=self.fixed.spacing,
             title=f"{_name(self.moving)} -> {_name(self.fixed)} (moving box-aligned; det J physical; "
             f"folds {self.folds_percent:.3f}%)",
         )

@@ -10,8 +10,8 @@ manager and the process-wide backend is left untouched.
 Conventions: images are ``[D, H, W]`` (3D) or ``[H, W]`` (2D), numpy arrays or torch tensors, optionally with
 leading singleton (batch/channel) dimensions; the DDF is ``[dim, *S]`` in voxels of the fixed grid
 (:class:`monai.networks.blocks.Warp` convention, channel ``i`` = displacement along tensor spatial axis ``i``).
-Slices are shown without reorientation and with a square pixel aspect (voxel units): the first in-plane tensor axis
-runs down the panel, the second runs to the right.
+Slices are shown without reorientation: the first in-plane tensor axis runs down the panel, the second runs to the
+right. Pixels are square (voxel units) unless a voxel ``spacing`` is given, which draws each panel to physical scale.
 """
 
 from __future__ import annotations
@@ -169,6 +169,18 @@ def _draw_jacobian(ax: Any, jac: np.ndarray) -> Any:
     return image
 
 
+def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray | None:
+    """``spacing`` as a float array of ``ndim`` positive finite voxel sizes, or None."""
+    if spacing is None:
+        return None
+    values = np.asarray([float(v) for v in spacing], dtype=np.float64)
+    if values.shape != (ndim,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(
+            f"spacing must hold {ndim} positive finite voxel sizes (one per spatial axis), got {tuple(spacing)}."
+        )
+    return values
+
+
 def _auto_grid_step(spatial: Sequence[int], lines: int = 20) -> int:
     """Grid line spacing (voxels) giving about ``lines`` lines along the longest axis."""
     return max(1, int(round(max(spatial) / lines)))
@@ -184,6 +196,7 @@ def overview_figure(
     grid_step: int | None = None,
     panel_size: float = 2.2,
     dpi: int = 100,
+    spacing: Sequence[float] | None = None,
 ) -> Figure:
     """
     Overview of one registration result.
@@ -205,12 +218,16 @@ def overview_figure(
         panel_size: size of one panel in inches.
         dpi: figure resolution; the rendered image is ``6 * panel_size * dpi`` pixels wide and
             ``rows * panel_size * dpi`` high (plus ``0.4 * dpi`` with a title).
+        spacing: optional voxel size along each tensor spatial axis (any unit, e.g. mm): each panel is drawn with
+            pixel aspect ``spacing[row axis] / spacing[column axis]``, so anisotropic volumes keep their physical
+            proportions. Default: square voxels.
 
     Returns:
         a :class:`matplotlib.figure.Figure` with an Agg canvas and ``rows * 6`` axes.
     """
     fixed_np, moving_np, warped_np, ddf_np, jac = _prepare_inputs(fixed, moving, warped, ddf, jacobian)
     spatial = fixed_np.shape
+    spacing_np = _check_spacing(spacing, len(spatial))
     planes = _planes(spatial)
     step = grid_step if grid_step is not None else _auto_grid_step(spatial)
     if step < 1:
@@ -238,6 +255,8 @@ def overview_figure(
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+            if spacing_np is not None:
+                ax.set_aspect(float(spacing_np[a] / spacing_np[b]))
         row[0].set_ylabel("2D" if axis is None else f"axis {axis} = {index}", fontsize=8)
     for c, name in enumerate(COLUMNS):
         label = name

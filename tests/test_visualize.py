@@ -63,6 +63,31 @@ def test_overview_figure_2d_single_row():
     assert figure_to_array(fig).shape == (110, 660, 3)
 
 
+def test_spacing_draws_panels_to_physical_scale():
+    """With a voxel spacing each panel's drawn box has the physical proportions of its slice."""
+    fixed, moving, warped = volumes()
+    spacing = (2.0, 1.0, 0.5)
+    fig = overview_figure(fixed, moving, warped, np.zeros((3, *SHAPE), np.float32), spacing=spacing)
+    fig.canvas.draw()
+    axes = np.array(fig.axes).reshape(3, len(COLUMNS))
+    for r, (a, b) in enumerate(((1, 2), (0, 2), (0, 1))):  # in-plane (row, column) tensor axes of each plane
+        physical_height, physical_width = SHAPE[a] * spacing[a], SHAPE[b] * spacing[b]
+        for c in (0, 4, 5):  # image, deformation grid, Jacobian panels
+            box = axes[r, c].get_window_extent()
+            assert box.height / box.width == pytest.approx(physical_height / physical_width, rel=0.03), (r, c)
+    square = overview_figure(fixed, moving, warped, np.zeros((3, *SHAPE), np.float32))
+    square.canvas.draw()
+    box = np.array(square.axes).reshape(3, -1)[1, 0].get_window_extent()  # plane (0, 2): 12 x 16 voxels
+    assert box.height / box.width == pytest.approx(SHAPE[0] / SHAPE[2], rel=0.03)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0)])
+def test_bad_spacing_is_named(spacing):
+    fixed, moving, warped = volumes()
+    with pytest.raises(ValueError, match="spacing"):
+        overview_figure(fixed, moving, warped, np.zeros((3, *SHAPE), np.float32), spacing=spacing)
+
+
 def test_jacobian_panel_highlights_folds():
     fixed, moving, warped = volumes()
     ddf = folded_ddf()
