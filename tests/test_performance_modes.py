@@ -128,6 +128,20 @@ def _bn_state(module):
     return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
 
 
+def _train_passes(nets, a, b):
+    """One train-mode forward + backward of ``sum(out ** 2)`` per network on the same inputs: for each, (output,
+    parameter gradients, gradient of ``a``, BatchNorm running state)."""
+    a = a.detach().requires_grad_(True)
+    outs = []
+    for net in nets:
+        net.train()
+        a.grad = None
+        out = net(a, b)
+        (out**2).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()], a.grad.clone(), _bn_state(net)))
+    return outs
+
+
 def test_unet_checkpointing_same_output_gradients_and_running_stats():
     torch.manual_seed(0)
     plain = UNet2(3)
@@ -135,15 +149,7 @@ def test_unet_checkpointing_same_output_gradients_and_running_stats():
     ckpt = UNet2(3, checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     a, b = smooth_pair((20, 18, 19), batch=2, seed=5)
-    a.requires_grad_(True)
-    outs = []
-    for net in (plain, ckpt):
-        net.train()
-        a.grad = None
-        out = net(a, b)
-        (out**2).sum().backward()
-        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()], a.grad.clone(), _bn_state(net)))
-    (o0, g0, a0, s0), (o1, g1, a1, s1) = outs
+    (o0, g0, a0, s0), (o1, g1, a1, s1) = _train_passes((plain, ckpt), a, b)
     assert torch.equal(o0, o1)
     assert torch.allclose(a0, a1, rtol=0, atol=1e-7)
     for x, y in zip(g0, g1):
@@ -247,15 +253,7 @@ def test_recomputed_tail_same_output_gradients_and_running_stats(levels):
     tail = UNet2(3, recompute_levels=levels)
     tail.load_state_dict(keep.state_dict())
     a, b = smooth_pair((19, 21, 18), batch=2, seed=5)
-    a.requires_grad_(True)
-    outs = []
-    for net in (keep, tail):
-        net.train()
-        a.grad = None
-        out = net(a, b)
-        (out**2).sum().backward()
-        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()], a.grad.clone(), _bn_state(net)))
-    (o0, g0, a0, s0), (o1, g1, a1, s1) = outs
+    (o0, g0, a0, s0), (o1, g1, a1, s1) = _train_passes((keep, tail), a, b)
     assert torch.equal(o0, o1)
     assert torch.equal(a0, a1)
     for x, y in zip(g0, g1):

@@ -176,8 +176,8 @@ class _LeakyConv(torch.autograd.Function):
             out_channels = weight.shape[1] * conv.groups if transposed else weight.shape[0]
             layout = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
             gh, gw, gb = torch.ops.aten.convolution_backward(
-                grad.contiguous(memory_format=layout), h, weight, [out_channels] if ctx.has_bias else None, list(conv.stride),
-                list(conv.padding), list(conv.dilation), transposed,
+                grad.contiguous(memory_format=layout), h, weight, [out_channels] if ctx.has_bias else None,
+                list(conv.stride), list(conv.padding), list(conv.dilation), transposed,
                 list(conv.output_padding) if transposed else [0] * (x.ndim - 2), conv.groups, [need_x, need_w, need_b],
             )
         gx = torch.ops.aten.leaky_relu_backward(gh, x, 0.01, False) if need_x else None
@@ -343,7 +343,8 @@ class UNet2(nn.Module):
         if needs_grad and not torch.is_autocast_enabled(x.device.type):  # training / IO: leaner saved state
             if channels_last:
                 weight = conv.weight.contiguous(memory_format=torch.channels_last_3d)
-                return _LeakyConv.apply(x.contiguous(memory_format=torch.channels_last_3d), weight, conv.bias, conv, False)
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+                return _LeakyConv.apply(x, weight, conv.bias, conv, False)
             return _LeakyConv.apply(x.contiguous(), conv.weight, conv.bias, conv, matmul_ct)
         if matmul_ct and not conv.training and not torch.is_grad_enabled():  # CPU inference
             return conv_transpose3d_k4s2p1_matmul(F.leaky_relu(x).contiguous(), conv.weight, conv.bias)
@@ -426,7 +427,8 @@ class UNet2(nn.Module):
         return self.recompute_levels
 
     def _tail(self, x: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
-        """Up levels ``len(skips) - 1 .. 0`` and the last convolution (the recomputed part, see ``recompute_levels``)."""
+        """Up levels ``len(skips) - 1 .. 0`` and the last convolution: the part recomputed in the backward pass
+        (see ``recompute_levels``)."""
         return self._last_conv(self._up_path(x, skips, range(len(skips) - 1, -1, -1))) / 10
 
     def compile_body(self, **kwargs) -> None:
