@@ -12,6 +12,7 @@ from torch import nn
 
 from monai_gradicon.losses import GradICONObjective, LNCCLoss, SSDLoss, SquaredLNCCLoss, gaussian_kernel1d
 from monai_gradicon.networks import VectorFieldStep
+from tolerance import assert_f32_close
 
 
 class FixedDisplacement(nn.Module):
@@ -78,9 +79,9 @@ def test_gaussian_kernel_sigma5():
     assert k.numel() == 21
     centre_out = [0.082718, 0.081081, 0.076359, 0.069092, 0.060066, 0.050171, 0.040263, 0.031045, 0.022999,
                   0.016370, 0.011195]
-    assert torch.allclose(k[10:], torch.tensor(centre_out), atol=5e-7)
+    assert torch.allclose(k[10:], torch.tensor(centre_out), atol=5e-7)  # the golden values have 6 decimals
     assert torch.allclose(k, k.flip(0))
-    assert float(k.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert_f32_close(k.sum(), 1.0, ulps=k.numel())  # one rounding per summed tap
 
 
 def test_fresh_network_is_identity_and_regularizer_zero():

@@ -25,9 +25,12 @@ from monai_gradicon import maps
 from monai_gradicon.losses import GradICONObjective, LNCCLoss, SSDLoss, SquaredLNCCLoss
 from monai_gradicon.networks import UNet2, gradicon_network
 from monai_gradicon.weights import load_official_weights, network_to_official_state
+from tolerance import EPS32, assert_f32_close, f32_tolerance
 
-MAP_TOL = 1e-5
-LOSS_RTOL = 1e-5
+# maps are [0, 1] coordinates after 4 UNets whose channels-last convolutions sum in another order (the reference
+# shows the same deviation against itself, bench/layout_deviation.py): ~84 float32 rounding steps of a coordinate
+MAP_TOL = f32_tolerance(1.0, 84)
+LOSS_RTOL = 84 * EPS32  # the same number of rounding steps relative to the loss
 
 
 def smooth_images(shape, batch=1, seed=0):
@@ -73,7 +76,7 @@ def test_sample_equals_reference(shape, padding):
     spacing = [1.0 / (s - 1) for s in shape]
     ref = ref_ml.compute_warped_image_multiNC(image, points, spacing, 1, zero_boundary=(padding == "zeros"))
     ours = maps.sample(image, points, padding_mode=padding)
-    assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+    assert_f32_close(ours, ref, ulps=8)
 
 
 def _sample_and_grads(fn, image, points, grad_out):
@@ -96,8 +99,8 @@ def test_sample_gradients_equal_reference(shape, batch):
 
     ref, ref_gi, ref_gp = _sample_and_grads(reference, image, points, grad_out)
     ours, gi, gp = _sample_and_grads(maps.sample, image, points, grad_out)
-    assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
-    assert torch.allclose(gi, ref_gi, atol=1e-5, rtol=1e-5)
+    assert_f32_close(ours, ref, ulps=8)
+    assert_f32_close(gi, ref_gi, ulps=64)  # scattered sums of up to 8 neighbours per point, other order
     assert torch.allclose(gp, ref_gp, atol=1e-4 * ref_gp.abs().max().item(), rtol=0)
 
 
@@ -116,7 +119,7 @@ def test_sample_keeps_the_coordinate_of_a_one_voxel_axis():
 
     expected = _sample_and_grads(direct, image, points, grad_out)
     for ours, want in zip(_sample_and_grads(maps.sample, image, points, grad_out), expected):
-        assert torch.allclose(ours, want, atol=1e-6, rtol=1e-6)
+        assert_f32_close(ours, want, ulps=8)
 
 
 @pytest.mark.parametrize("shape", [(20, 24), (12, 14, 16)])
@@ -128,9 +131,10 @@ def test_warp_equals_monai_warp(shape):
     ddf = torch.randn((2, len(shape), *shape), generator=g) * 2.0
     ours = maps.warp_image(image, maps.ddf_to_map(ddf))
     monai_out = Warp(mode="bilinear", padding_mode="border")(image, ddf)
-    assert (ours - monai_out).abs().max() <= 1e-5
-    # and the conversion round-trips
-    assert torch.allclose(maps.map_to_ddf(maps.ddf_to_map(ddf)), ddf, atol=1e-5)
+    # MONAI normalizes the DDF to grid_sample's [-1, 1] by another sequence of roundings (coordinates up to ~N)
+    assert_f32_close(ours, monai_out, ulps=16 * max(shape), scale=1.0)
+    # and the conversion round-trips (values of a few voxels, rounded through [0, 1] coordinates)
+    assert_f32_close(maps.map_to_ddf(maps.ddf_to_map(ddf)), ddf, ulps=4 * max(shape), scale=1.0)
 
 
 def test_map_to_ddf_uses_n_minus_one():
@@ -138,8 +142,8 @@ def test_map_to_ddf_uses_n_minus_one():
     phi[:, 0] += 1.0 / 4  # one voxel along axis 0 (N = 5)
     phi[:, 1] += 2.0 / 8  # two voxels along axis 1 (N = 9)
     ddf = maps.map_to_ddf(phi)
-    assert torch.allclose(ddf[:, 0], torch.ones(1, 5, 9), atol=1e-6)
-    assert torch.allclose(ddf[:, 1], 2 * torch.ones(1, 5, 9), atol=1e-6)
+    assert_f32_close(ddf[:, 0], torch.ones(1, 5, 9), ulps=8)
+    assert_f32_close(ddf[:, 1], 2 * torch.ones(1, 5, 9), ulps=8)
 
 
 @pytest.mark.parametrize("dim,shape", [(2, (33, 40)), (3, (20, 22, 19))])
@@ -157,7 +161,7 @@ def test_unet2_equals_reference(dim, shape, train):
     with torch.no_grad():
         out_ref = ref(a, b)
         out = ours(a, b)
-    assert (out - out_ref).abs().max() <= 1e-6
+    assert_f32_close(out, out_ref, ulps=16)
     assert out.abs().max() > 1e-3  # not the zero map
 
 

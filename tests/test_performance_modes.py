@@ -11,6 +11,7 @@ from monai_gradicon import maps
 from monai_gradicon.losses import GradICONObjective, LNCCLoss, gaussian_blur, gaussian_kernel1d, local_ncc
 from monai_gradicon.networks import UNet2, gradicon_network
 from monai_gradicon.networks.unet2 import _CropCatChannelsLast, conv3d_channels_last_input_grad
+from tolerance import assert_f32_close
 
 
 def conv_blur(x, sigma, kernel_size=None):
@@ -55,7 +56,8 @@ def test_matrix_blur_equals_depthwise_convolution(shape, sigma, kernel_size):
     ours = gaussian_blur(x, sigma, kernel_size)
     ref = conv_blur(x, sigma, kernel_size)
     assert ours.shape == ref.shape
-    assert (ours - ref).abs().max() <= 1e-7
+    # a separable pass sums kernel_size products per axis in another order: a few roundings of values <= 1
+    assert_f32_close(ours, ref, ulps=8)
 
 
 def test_blur_gradient_is_the_adjoint():
@@ -64,7 +66,7 @@ def test_blur_gradient_is_the_adjoint():
     (gaussian_blur(x, 2) * g).sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
     (conv_blur(x2, 2) * g).sum().backward()
-    assert torch.allclose(x.grad, x2.grad, atol=1e-7)
+    assert_f32_close(x.grad, x2.grad, ulps=8)
 
 
 def test_lncc_gradient_path_equals_plain_path():
@@ -103,7 +105,8 @@ def test_chunked_sampling_equals_one_thread():
     (o1, f1, p1), (o3, f3, p3) = results
     assert torch.equal(o1, o3)
     assert torch.equal(p1, p3)
-    assert torch.allclose(f1, f3, rtol=1e-5, atol=1e-5)  # accumulation order of the field gradient differs
+    # the field gradient accumulates one term per point landing in a cell, in another order with 3 threads
+    assert_f32_close(f1, f3, ulps=64)
 
 
 def test_channels_last_input_grad_conv_equals_plain_conv():
@@ -120,7 +123,8 @@ def test_channels_last_input_grad_conv_equals_plain_conv():
     (y2 * g).sum().backward()
     assert torch.equal(y, y2)  # the forward pass is the plain convolution
     assert x.grad.is_contiguous() and grads[0].is_contiguous()
-    assert torch.allclose(grads[0], x.grad, rtol=1e-4, atol=1e-6)
+    # the input gradient sums 3 x 27 products per voxel in another order
+    assert_f32_close(grads[0], x.grad, ulps=64)
     assert torch.equal(grads[1], conv.weight.grad) and torch.equal(grads[2], conv.bias.grad)
 
 
@@ -151,9 +155,9 @@ def test_unet_checkpointing_same_output_gradients_and_running_stats():
     a, b = smooth_pair((20, 18, 19), batch=2, seed=5)
     (o0, g0, a0, s0), (o1, g1, a1, s1) = _train_passes((plain, ckpt), a, b)
     assert torch.equal(o0, o1)
-    assert torch.allclose(a0, a1, rtol=0, atol=1e-7)
-    for x, y in zip(g0, g1):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert_f32_close(a0, a1, ulps=16)
+    for x, y in zip(g0, g1):  # weight gradients sum over every voxel: a reduction of ~1e4 terms
+        assert_f32_close(x, y, ulps=256)
     for k in s0:  # the running statistics were updated exactly once
         assert torch.equal(s0[k], s1[k]), k
 
@@ -298,4 +302,5 @@ def test_channels_last_switch_is_respected():
     net.set_channels_last(None)
     with torch.no_grad():
         fast = net(a, b).on_grid((20, 22, 21))
-    assert torch.allclose(exact, fast, atol=1e-6)
+    # channels-last convolutions sum in another order: maps agree to float32 rounding of the coordinates
+    assert_f32_close(exact, fast, ulps=16, scale=1.0)
