@@ -15,7 +15,7 @@ Cases (``N`` = spatial size, 4-step model, batch 1):
 
 Variants of ours (opt-in modes): ``exact`` (no channels-last layers: the reference's exact operations),
 ``checkpointing`` (activation checkpointing, same numbers), ``lean``
-(checkpointing plus recomputed compositions, ``ComposedTransform.recompute_in_backward``, in a process whose glibc
+(checkpointing plus recomputed compositions, ``net.set_recompute_compositions(True)``, in a process whose glibc
 allocator returns every block of 1 MiB or more to the system when it is freed, ``MALLOC_MMAP_THRESHOLD_=1048576``;
 the reference can be run with the same allocator setting), ``bf16`` (UNets under
 bfloat16 autocast, numbers change: the deviation from float32 is reported), ``compile`` (``torch.compile`` of the
@@ -127,14 +127,11 @@ class _Built:
 
 def _ours_network(state: dict, device, variant: str):
     from monai_gradicon.networks import gradicon_network
-    from monai_gradicon.weights import load_official_weights
+    from monai_gradicon.weights import load_network_weights
 
     net = gradicon_network(4, 3, checkpointing=variant in ("checkpointing", "lean"))
-    if variant == "lean":
-        from monai_gradicon.coordinate_transforms import ComposedTransform
-
-        ComposedTransform.recompute_in_backward = True  # this worker process only
-    load_official_weights(net, state)
+    net.set_recompute_compositions(variant == "lean")
+    load_network_weights(net, state)
     net = net.to(device)
     if variant == "exact":
         net.set_channels_last(False)

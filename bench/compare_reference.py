@@ -4,7 +4,7 @@
     python bench/compare_reference.py [--quick] [--json FILE] [--device cpu|cuda] [--sizes 96 175] ...
 
 Both implementations run the same 4-step GradICON network with the same random weights (a reference state dict,
-loaded into ours with ``monai_gradicon.weights.load_official_weights``) on the same random smooth images.
+loaded into ours with ``monai_gradicon.weights.load_network_weights``) on the same random smooth images.
 
 * **Time**: for each (size, case) one process builds the reference and every mode of ours and runs their iterations
   in turn (ref, ours, ours-mode, ref, ours, ...): ``--warmup`` untimed rounds, then ``--repeats`` timed ones; the

@@ -23,12 +23,14 @@ from monai_gradicon.networks import (
     gradicon_network,
     gradicon_preset,
 )
+from monai_gradicon.model_card import ModelCard
 from monai_gradicon.weights import (
     WeightFileError,
+    convert_weights,
     export_official_weights,
     load_network_weights,
-    load_official_weights,
-    network_from_official_weights,
+    load_weights,
+    save_weights,
 )
 
 __version__ = "0.1.0"

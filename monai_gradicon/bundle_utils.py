@@ -2,8 +2,8 @@
 
 * :func:`load_bundle_network`: ``monai.bundle.load`` plus a check that **every** tensor of the network came from
   the checkpoint (MONAI's loader copies matching keys only and silently skips the rest).
-* :func:`convert_released_weights`: turn an authors' released weight file (``*_model_weights_step_2.trch``) into
-  the bundle's ``models/model.pt`` with the core's strict loader. Command line::
+* :func:`bundle_model_card`: the model card a bundle's ``metadata.json`` requires of its weights.
+* Command line (the same conversion as ``python -m monai_gradicon convert-weights --bundle_dir``)::
 
       python -m monai_gradicon.bundle_utils convert \\
           --weights bundles/gradicon_lung/models/lung_model_weights_step_2.trch --bundle_dir bundles/gradicon_lung
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,11 +21,10 @@ from typing import Any
 
 import torch
 
-from monai_gradicon.io_utils import atomic_torch_save
-from monai_gradicon.networks.registration import GradICONDDFNet
-from monai_gradicon.weights import WeightFileError, network_from_official_weights, read_state_dict
+from monai_gradicon.model_card import CardError
+from monai_gradicon.weights import WeightFileError, convert_weights, read_state_dict
 
-__all__ = ["load_bundle_network", "check_all_weights_loaded", "convert_released_weights", "require_file", "main"]
+__all__ = ["load_bundle_network", "check_all_weights_loaded", "bundle_model_card", "require_file", "main"]
 
 
 def require_file(path: str | os.PathLike, hint: str = "") -> str:
@@ -98,70 +98,53 @@ def load_bundle_network(
     return net
 
 
-def convert_released_weights(
-    weights: str | os.PathLike,
-    bundle_dir: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-) -> Path:
-    """Convert a released GradICON weight file to a bundle ``models/model.pt`` (a bare state dict of the
-    inference ``network_def``, :class:`~monai_gradicon.GradICONDDFNet`: keys ``network.steps.{i}.unet.*``).
+def bundle_model_card(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``model_card`` a bundle's ``configs/metadata.json`` requires of its weights (axis order, input shape,
+    preprocessing, modality): what :func:`monai_gradicon.weights.convert_weights` checks a converted file against.
 
-    The file is read with the core's loader (:func:`monai_gradicon.network_from_official_weights`: weights-only,
-    strict, every key mapped); files that are already in our layout are accepted too. Written atomically.
-
-    Args:
-        weights: the released file (e.g. ``lung_model_weights_step_2.trch``) or one of our checkpoints.
-        bundle_dir: the bundle folder; the output is ``<bundle_dir>/models/model.pt``.
-        output: explicit output path (instead of ``bundle_dir``).
-
-    Returns:
-        the written path.
+    Raises:
+        FileNotFoundError: no metadata. ValueError: invalid JSON or no ``model_card`` object.
     """
-    if (bundle_dir is None) == (output is None):
-        raise ValueError("Give exactly one of bundle_dir and output.")
-    target = Path(output) if output is not None else Path(bundle_dir) / "models" / "model.pt"
+    meta = Path(bundle_dir) / "configs" / "metadata.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{bundle_dir} is not a bundle folder: {meta} does not exist.")
     try:
-        network = network_from_official_weights(weights)
-    except WeightFileError:
-        # already our layout (steps.* or network.steps.*): load strictly into a network of the right size
-        from monai_gradicon.weights import load_network_weights
-        from monai_gradicon.networks.registration import gradicon_network
-
-        state = read_state_dict(weights)
-        steps = {int(k.split("steps.")[1].split(".")[0]) for k in state if "steps." in k}
-        if not steps:
-            raise
-        first = next(v for k, v in state.items() if k.endswith("steps.0.unet.downConvs.0.weight"))
-        network = gradicon_network(max(steps) + 1, first.ndim - 2, in_channels=first.shape[1] // 2)
-        load_network_weights(network, state)
-    export = GradICONDDFNet(network)
-    state = {k: v.detach().cpu().contiguous() for k, v in export.state_dict().items()}
-    atomic_torch_save(state, target)
-    return target
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{meta} is not valid JSON: {exc}") from exc
+    card = data.get("model_card")
+    if not isinstance(card, Mapping):
+        raise ValueError(f"{meta} has no \"model_card\" object (axis_order, input_shape, preprocessing, modality).")
+    out = dict(card)
+    if out.get("input_shape") is not None:
+        out["input_shape"] = tuple(out["input_shape"])
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_gradicon.bundle_utils", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="released weight file -> <bundle>/models/model.pt")
-    conv.add_argument("--weights", required=True, help="released .trch file (or one of our checkpoints)")
+    conv = sub.add_parser("convert", help="released weight file -> <bundle>/models/model.pt (with its model card)")
+    conv.add_argument("--weights", required=True, help="released .trch file (or one of our weight files)")
     group = conv.add_mutually_exclusive_group(required=True)
     group.add_argument("--bundle_dir", help="bundle folder; writes <bundle_dir>/models/model.pt")
     group.add_argument("--output", help="explicit output file")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
     check = sub.add_parser("check", help="load <bundle>/models/model.pt into the inference network, verify all keys")
     check.add_argument("--bundle_dir", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
-            path = convert_released_weights(args.weights, bundle_dir=args.bundle_dir, output=args.output)
-            n = len(read_state_dict(path))
-            print(f"wrote {path} ({n} tensors)")
+            expect = bundle_model_card(args.bundle_dir) if args.bundle_dir else None
+            out = args.output or os.path.join(args.bundle_dir, "models", "model.pt")
+            path, card = convert_weights(args.weights, out, overwrite=args.overwrite, expect=expect)
+            print(f"wrote {path} ({len(read_state_dict(path))} tensors; card: {card.to_dict()})")
         else:
             net = load_bundle_network(args.bundle_dir)
             print(f"{args.bundle_dir}: all {len(net.state_dict())} tensors of network_def loaded from models/model.pt")
-    except (FileNotFoundError, WeightFileError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, WeightFileError, CardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -4,7 +4,8 @@ A registration network returns a :class:`CoordinateTransform` ``Phi_AB``: a call
 coordinates ``[B, dim, *P]`` (points of the fixed image B) to the matching coordinates in the moving image A, so that
 ``sample(A, Phi_AB(id)) ~ B``. Transforms compose by evaluation, without resampling fields: ``(f o g)(x) = f(g(x))``.
 
-They hold tensors only (no device, no flags): what they compute depends on their inputs alone.
+They hold tensors only (no device): what they compute depends on their inputs alone. The one flag,
+:class:`ComposedTransform`'s ``recompute_in_backward``, changes what is kept for the backward pass, not the values.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from monai_gradicon.maps import identity_map, sample
 from monai_gradicon.recompute import checkpoint_call, is_checkpointed
 
-__all__ = ["CoordinateTransform", "DisplacementTransform", "ComposedTransform"]
+__all__ = ["CoordinateTransform", "DisplacementTransform", "ComposedTransform", "AxisReversedTransform"]
 
 
 class CoordinateTransform:
@@ -67,18 +68,24 @@ class DisplacementTransform(CoordinateTransform):
 class ComposedTransform(CoordinateTransform):
     """``outer o inner``: ``inner`` is applied to the coordinates first.
 
-    Opt-in, with the class attribute ``recompute_in_backward = True``: when gradients are recorded, evaluating a
-    composition of two or more displacement fields keeps only its input points (the fields are kept by whoever made
-    them) and recomputes the intermediate points in the backward pass, instead of keeping a ``[B, *P, dim]`` grid
-    per interpolation. Same values and gradients; at 175³ on 2 CPU cores it lowered the live peak of a training
-    step by ~0.8 GB for ~3 s (~7%) more time, hence off by default (``bench/`` mode ``lean`` uses it).
+    Args:
+        outer, inner: the transforms.
+        recompute_in_backward: opt-in (default ``False``): when gradients are recorded, evaluating a composition of
+            two or more displacement fields keeps only its input points (the fields are kept by whoever made them)
+            and recomputes the intermediate points in the backward pass, instead of keeping a ``[B, *P, dim]`` grid
+            per interpolation. Same values and gradients; at 175³ on 2 CPU cores it lowered the live peak of a
+            training step by ~0.8 GB for ~3 s (~7%) more time, hence off by default. It applies to this composition
+            only (compositions built with ``@`` leave it off); a
+            :class:`~monai_gradicon.networks.GradICONNetwork` sets it on the compositions it returns with
+            ``set_recompute_compositions(True)`` (``bench/`` mode ``lean``).
     """
 
-    recompute_in_backward: bool = False
-
-    def __init__(self, outer: CoordinateTransform, inner: CoordinateTransform) -> None:
+    def __init__(
+        self, outer: CoordinateTransform, inner: CoordinateTransform, recompute_in_backward: bool = False
+    ) -> None:
         self.outer = outer
         self.inner = inner
+        self.recompute_in_backward = bool(recompute_in_backward)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         if self._recompute():
@@ -113,6 +120,24 @@ class ComposedTransform(CoordinateTransform):
             return False
         fields = self._fields()
         return len(fields) >= 2 and any(f.requires_grad for f in fields)
+
+    def _reference_tensor(self) -> torch.Tensor:
+        return self.inner._reference_tensor()
+
+
+class AxisReversedTransform(CoordinateTransform):
+    """A transform seen with the order of the spatial axes reversed: points ``[B, dim, *P]`` in one axis order have
+    their coordinate channels reversed, ``inner`` is evaluated, and its output channels are reversed back.
+
+    This expresses a network's transform in the file's axis order when the network saw the arrays with their axes
+    reversed (the reference order). Evaluation is pointwise, so the layout of ``P`` needs no change.
+    """
+
+    def __init__(self, inner: CoordinateTransform) -> None:
+        self.inner = inner
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        return self.inner(points.flip(1)).flip(1)
 
     def _reference_tensor(self) -> torch.Tensor:
         return self.inner._reference_tensor()

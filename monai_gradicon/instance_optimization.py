@@ -7,7 +7,9 @@ statistics; only its affine parameters train). The result is the transforms of o
 
 Unlike reference version 1.1.7, the network's weights, buffers, ``requires_grad`` flags and train/eval mode are
 always restored afterwards (also on error or Ctrl-C), and the jitter noise comes from a seeded generator, so
-registering the same pair twice gives the same result.
+registering the same pair twice gives the same result. A step whose loss or gradients are not finite (a diverging
+learning rate, broken inputs) stops IO with :class:`~monai_gradicon.errors.NonFiniteResultError` before it changes
+the weights; the network is restored as always.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_gradicon.coordinate_transforms import CoordinateTransform
+from monai_gradicon.errors import NonFiniteResultError
 from monai_gradicon.losses.objective import GradICONObjective
 
 __all__ = ["InstanceOptimizationResult", "preserved_state", "instance_optimize", "DEFAULT_IO_LR", "DEFAULT_IO_STEPS"]
@@ -115,8 +118,16 @@ def instance_optimize(
             optimizer.zero_grad(set_to_none=True)
             out = objective(moving, fixed, generator=generator)
             out.loss.backward()
-            optimizer.step()
             scalars = out.scalars()
+            finite_grads = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+            if not (torch.isfinite(out.loss.detach()) and finite_grads):
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+                raise NonFiniteResultError(
+                    f"Instance optimization diverged at step {len(history) + 1} of {steps} (lr {lr}): "
+                    f"{'the loss' if finite_grads else 'a gradient'} is not finite ({terms}). The network was "
+                    "restored; lower --io_lr or check the inputs."
+                )
+            optimizer.step()
             history.append(scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", sim=f"{scalars['similarity']:.4f}")
         bar.close()

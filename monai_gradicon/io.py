@@ -29,20 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from monai_gradicon.io_utils import atomic_write
+from monai_gradicon.io_utils import atomic_write, atomic_write_text
 
 __all__ = [
     "Image",
     "ImageReadError",
     "read_image",
+    "read_shape",
     "as_image",
     "read_nrrd",
     "write_nifti",
     "write_displacement_field",
     "read_displacement_field",
-    "default_file_mode",
     "write_text",
-    "save_torch",
     "spatial_affine",
     "LPS_TO_RAS",
     "NIFTI_INTENT_VECTOR",
@@ -192,13 +191,54 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
         raise type(exc)(f"Cannot read the {name}: {exc}") from exc
     except Exception as exc:  # nibabel / zlib / MONAI raise many types; name the file and the reason
         raise ImageReadError(f"Cannot read the {name} {path}: {type(exc).__name__}: {exc}") from exc
-    array = _squeeze_to_spatial(np.asarray(array), f"The {name} {path}")
+    array = np.asarray(array)
+    if array.dtype.fields is not None or array.dtype.kind not in "biuf":
+        raise ImageReadError(
+            f"The {name} {path} holds {array.dtype} voxels (a colour/RGB or complex image); registration needs a "
+            "scalar greyscale image: convert it first."
+        )
+    array = _squeeze_to_spatial(array, f"The {name} {path}")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     try:
         return Image(array=array, affine=affine, path=path)
     except ValueError as exc:
         raise ImageReadError(f"The {name} {path} has an unusable geometry: {exc}") from exc
+
+
+def read_shape(path: str | os.PathLike, name: str = "image") -> tuple[int, ...]:
+    """The spatial shape of an image file from its header only (NIfTI, NRRD; other formats are read whole), e.g.
+    to predict memory before any work. Trailing singleton axes are dropped as :func:`read_image` does."""
+    path = os.fspath(path)
+    shape: tuple[int, ...]
+    try:
+        if _has_suffix(path, NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(path).shape)
+        elif _has_suffix(path, NRRD_SUFFIXES):
+            sizes = None
+            with open(path, "rb") as f:
+                for raw in f:
+                    line = raw.decode("latin-1").strip()
+                    if not line:
+                        break
+                    if line.lower().startswith("sizes:"):
+                        sizes = tuple(int(v) for v in line.split(":", 1)[1].split())
+            if sizes is None:
+                raise ImageReadError(f"Cannot read the {name} {path}: the NRRD header has no 'sizes' field.")
+            shape = sizes
+        else:
+            return read_image(path, name).shape
+    except ImageReadError:
+        raise
+    except Exception as exc:  # nibabel / zlib raise many types; name the file and the reason
+        raise ImageReadError(f"Cannot read the {name} {path}: {type(exc).__name__}: {exc}") from exc
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 3 and shape[2] == 1:
+        shape = shape[:2]
+    return shape
 
 
 def as_image(obj: Any, name: str = "image") -> Image:
@@ -426,44 +466,11 @@ def write_nifti(
     if not _has_suffix(path, NIFTI_SUFFIXES):
         raise ValueError(f"Output {path} must end in .nii or .nii.gz.")
     img = _nifti_image(np.asarray(array), np.asarray(affine, dtype=np.float64), intent, intent_name)
-
-    def write(tmp: str) -> None:
-        img.to_filename(tmp)
-        os.chmod(tmp, default_file_mode())  # temporary files are created 0600; results are ordinary files
-
-    atomic_write(path, write)
-    return path
+    return atomic_write(path, img.to_filename)
 
 
-def write_text(path: str | os.PathLike, text: str) -> str:
-    """Write a text file atomically with ordinary permissions."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, default_file_mode())
-
-    atomic_write(os.fspath(path), write)
-    return os.fspath(path)
-
-
-def save_torch(obj: Any, path: str | os.PathLike) -> str:
-    """``torch.save`` atomically with ordinary permissions."""
-    import torch
-
-    def write(tmp: str) -> None:
-        torch.save(obj, tmp)
-        os.chmod(tmp, default_file_mode())
-
-    atomic_write(os.fspath(path), write)
-    return os.fspath(path)
-
-
-def default_file_mode() -> int:
-    """``0o666`` minus the process umask: the permissions ``open()`` would give a new file."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+write_text = atomic_write_text
+"""Write a text file atomically (:func:`monai_gradicon.io_utils.atomic_write_text`)."""
 
 
 def write_displacement_field(path: str | os.PathLike, displacement_ras: np.ndarray, affine: np.ndarray) -> str:

@@ -1,41 +1,58 @@
-"""Small file helpers: atomic writes so an interrupted save never leaves a truncated file behind."""
+"""Atomic file writes: an interrupted save never leaves a truncated or half-written file behind.
+
+This is the one writer every file of the project goes through (images, fields, checkpoints, reports, PNGs).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
+def _temporary_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
 
-    The rename is atomic on POSIX file systems: readers see either the old file or the complete new one.
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """Call ``write(tmp_path)`` on a new temporary file next to ``path``, then rename it over ``path``.
+
+    The temporary file is created empty with mode ``0o666`` and the process umask applied by the kernel (the
+    permissions a plain ``open()`` gives; no process-wide umask change, so it is safe in threaded servers). The
+    rename is atomic on POSIX file systems: readers see either the old file or the complete new one. On any error
+    (or Ctrl-C) the temporary file is removed and ``path`` is untouched. Returns ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + suffix, dir=folder)
-    os.close(fd)
+    tmp = _temporary_name(os.path.join(folder, os.path.basename(path)))
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
-        # mkstemp creates the file 0600; give the result the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
     """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    """Write a UTF-8 text file through :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)

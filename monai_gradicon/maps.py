@@ -25,8 +25,6 @@ __all__ = [
     "warp_image",
     "map_to_ddf",
     "ddf_to_map",
-    "voxel_to_normalized",
-    "normalized_to_voxel",
 ]
 
 _PADDING_MODES = ("border", "zeros", "reflection")
@@ -182,15 +180,3 @@ def ddf_to_map(ddf: torch.Tensor) -> torch.Tensor:
     ident = identity_map(spatial, dtype=ddf.dtype, device=ddf.device)
     scale = torch.tensor([max(n - 1, 1) for n in spatial], dtype=ddf.dtype, device=ddf.device)
     return ident + ddf / scale.view(1, -1, *([1] * len(spatial)))
-
-
-def voxel_to_normalized(points: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-    """Voxel indices ``[..., dim]`` (0-based, array order) to normalized coordinates ``[..., dim]``."""
-    scale = torch.tensor([max(int(n) - 1, 1) for n in spatial_shape], dtype=points.dtype, device=points.device)
-    return points / scale
-
-
-def normalized_to_voxel(points: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-    """Normalized coordinates ``[..., dim]`` to voxel indices ``[..., dim]`` of a grid of ``spatial_shape``."""
-    scale = torch.tensor([max(int(n) - 1, 1) for n in spatial_shape], dtype=points.dtype, device=points.device)
-    return points * scale

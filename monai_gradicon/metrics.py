@@ -14,24 +14,19 @@ Conventions (shared with the rest of ``monai_gradicon``):
 * Physical coordinates are **world mm**, obtained from a ``(dim + 1) x (dim + 1)`` (or 4x4) affine mapping voxel
   indices to world mm (nibabel / MONAI convention).
 
-The functional metrics are plain torch functions; :class:`RegistrationTRE`, :class:`FoldingPercentage`,
-:class:`LogJacobianStd` and :class:`LabelDice` wrap them as :class:`ignite.metrics.Metric` objects that average
-per-case values over an evaluator's iterations.
+The metrics are plain torch / numpy functions. The evaluators average their per-case values with the one Ignite
+metric family of the project, :class:`monai_gradicon.engines.CaseMetricAverage`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
-from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 __all__ = [
     "jacobian_determinant",
@@ -40,11 +35,8 @@ __all__ = [
     "log_jacobian_std",
     "sample_ddf_at_points",
     "landmark_tre",
+    "tre_statistics",
     "dice_per_label",
-    "RegistrationTRE",
-    "FoldingPercentage",
-    "LogJacobianStd",
-    "LabelDice",
 ]
 
 #: lower clamp applied to det J before taking the log in :func:`log_jacobian_std`.
@@ -347,6 +339,25 @@ def _apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return points @ affine[:, :d, :d].transpose(1, 2) + affine[:, None, :d, d]
 
 
+def tre_statistics(predicted: ArrayLike, target: ArrayLike) -> dict[str, Any]:
+    """Target registration error of landmarks already mapped: ``predicted`` and ``target`` ``[K, dim]`` in one
+    frame (world mm). Returns ``mean_mm``, ``std_mm``, ``median_mm``, ``p95_mm``, ``max_mm`` and
+    ``per_landmark_mm`` (the one TRE summary of every door)."""
+    p = np.asarray(predicted, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if p.shape != t.shape or p.ndim != 2:
+        raise ValueError(f"predicted and target landmarks must both be [K, dim], got {p.shape} and {t.shape}.")
+    err = np.linalg.norm(p - t, axis=1)
+    return {
+        "mean_mm": float(err.mean()),
+        "std_mm": float(err.std()),
+        "median_mm": float(np.median(err)),
+        "p95_mm": float(np.percentile(err, 95)),
+        "max_mm": float(err.max()),
+        "per_landmark_mm": [round(float(e), 4) for e in err],
+    }
+
+
 def landmark_tre(
     moving_points: ArrayLike,
     fixed_points: ArrayLike,
@@ -504,203 +515,3 @@ def dice_per_label(
     defined = [v for v in result.values() if not math.isnan(v)]
     result["mean"] = float(np.mean(defined)) if defined else float("nan")
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ignite metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _per_sample(value: Any, name: str) -> list[Any]:
-    """Split a batched tensor/array (or pass a list of per-sample items) into a list of per-sample items."""
-    if isinstance(value, torch.Tensor | np.ndarray):
-        return [value[i] for i in range(value.shape[0])]
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return list(value)
-    raise ValueError(f"engine output {name!r} must be a batched tensor/array or a list of per-sample values.")
-
-
-class _PerCaseMean(Metric):
-    """
-    Base class: average of a per-case score over all cases seen by an engine.
-
-    Subclasses set ``required_output_keys`` and implement :meth:`_case_value` (one case, unbatched inputs).
-    The transformed engine output may be
-
-    * a mapping with ``required_output_keys`` holding batched tensors ``[B, ...]`` or lists of per-sample values,
-    * a list of such mappings, one per sample (MONAI's decollated ``engine.state.output``),
-    * a tuple ordered like ``required_output_keys``.
-
-    Cases whose value is NaN (e.g. no label present) are skipped. ``compute`` returns a float and raises
-    ``NotComputableError`` before any case was seen.
-    """
-
-    required_output_keys: tuple[str, ...] = ()
-
-    def __init__(self, output_transform: Callable = lambda x: x, device: str | torch.device = "cpu") -> None:
-        super().__init__(output_transform=output_transform, device=device)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._num_cases = torch.tensor(0, dtype=torch.int64, device=self._device)
-
-    def _collect(self, output: Any) -> tuple[Any, ...]:
-        keys = self.required_output_keys
-        if isinstance(output, Mapping):
-            missing = [k for k in keys if k not in output]
-            if missing:
-                raise ValueError(
-                    f"{type(self).__name__}: engine output is missing key(s) {missing}; it needs {list(keys)}, got "
-                    f"{list(output.keys())}."
-                )
-            return tuple(output[k] for k in keys)
-        if isinstance(output, Sequence) and len(output) > 0 and all(isinstance(o, Mapping) for o in output):
-            return tuple(zip(*(self._collect(o) for o in output)))
-        if isinstance(output, Sequence) and len(output) == len(keys):
-            return tuple(output)
-        if isinstance(output, torch.Tensor | np.ndarray) and len(keys) == 1:
-            return (output,)
-        raise ValueError(
-            f"{type(self).__name__}: engine output must be a mapping with keys {list(keys)}, a list of such mappings, "
-            f"or a tuple of {len(keys)} values; got {type(output).__name__}."
-        )
-
-    @torch.no_grad()
-    def iteration_completed(self, engine: Engine) -> None:
-        self.update(self._collect(self._output_transform(engine.state.output)))
-
-    def _case_value(self, *case: Any) -> float:
-        raise NotImplementedError
-
-    @reinit__is_reduced
-    def update(self, output: Sequence[Any]) -> None:
-        if len(output) != len(self.required_output_keys):
-            raise ValueError(
-                f"{type(self).__name__}.update expects {len(self.required_output_keys)} values "
-                f"{list(self.required_output_keys)}, got {len(output)}."
-            )
-        columns = [_per_sample(v, k) for v, k in zip(output, self.required_output_keys)]
-        if len({len(c) for c in columns}) != 1:
-            raise ValueError(
-                f"{type(self).__name__}: batch sizes differ between {list(self.required_output_keys)}: "
-                f"{[len(c) for c in columns]}."
-            )
-        for case in zip(*columns):
-            value = float(self._case_value(*case))
-            if not math.isnan(value):
-                self._sum += value
-                self._num_cases += 1
-
-    @sync_all_reduce("_sum", "_num_cases")
-    def compute(self) -> float:
-        if int(self._num_cases) == 0:
-            raise NotComputableError(f"{type(self).__name__} must have at least one case before it can be computed.")
-        return float(self._sum / self._num_cases)
-
-
-def _unbatched_ddf(ddf: Any) -> torch.Tensor:
-    """``[dim, *S]`` per-sample DDF -> ``[1, dim, *S]``."""
-    return torch.as_tensor(ddf).unsqueeze(0)
-
-
-class FoldingPercentage(_PerCaseMean):
-    """
-    Mean over cases of :func:`folding_percentage` (percentage of voxels with ``det J <= 0``).
-
-    Engine output (after ``output_transform``) must provide ``"ddf"``: ``[B, dim, *S]`` in voxels (or a list of
-    ``[dim, *S]``). ``compute`` returns the mean percentage in [0, 100].
-    """
-
-    required_output_keys = ("ddf",)
-
-    def _case_value(self, ddf: Any) -> float:
-        return float(folding_percentage(_unbatched_ddf(ddf))[0])
-
-
-class LogJacobianStd(_PerCaseMean):
-    """
-    Mean over cases of :func:`log_jacobian_std` (std of ``log det J``, determinant clamped to ``>= 1e-9``).
-
-    Engine output must provide ``"ddf"``: ``[B, dim, *S]`` in voxels (or a list of ``[dim, *S]``).
-    """
-
-    required_output_keys = ("ddf",)
-
-    def _case_value(self, ddf: Any) -> float:
-        return float(log_jacobian_std(_unbatched_ddf(ddf))[0])
-
-
-class RegistrationTRE(_PerCaseMean):
-    """
-    Mean over cases of the per-case mean target registration error (:func:`landmark_tre`).
-
-    Engine output must provide ``"ddf"`` (``[B, dim, *S]`` voxels), ``"fixed_landmarks"`` and
-    ``"moving_landmarks"`` (``[B, K, dim]`` or lists of ``[K_b, dim]``; K may vary per case), in the frame given by
-    ``points_in``. With ``points_in="world"`` it must also provide ``"fixed_affine"`` and ``"moving_affine"``
-    (``[B, 4, 4]`` or lists of ``[4, 4]`` voxel -> world mm).
-
-    Args:
-        points_in: ``"voxel"`` or ``"world"`` (see :func:`landmark_tre`).
-        spacing: mm per voxel for ``points_in="voxel"``; without it voxel-frame errors are in voxels.
-        output_transform: maps ``engine.state.output`` to the structure above.
-        device: device of the accumulators.
-
-    ``compute`` returns the mean over cases of each case's mTRE (mm, or voxels as described above).
-    """
-
-    def __init__(
-        self,
-        points_in: str,
-        spacing: float | Sequence[float] | None = None,
-        output_transform: Callable = lambda x: x,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        if points_in not in _POINT_FRAMES:
-            raise ValueError(f"points_in must be one of {_POINT_FRAMES}, got {points_in!r}.")
-        if points_in == "world" and spacing is not None:
-            raise ValueError("spacing is only used with points_in='voxel'.")
-        self.points_in = points_in
-        self.spacing = spacing
-        self.required_output_keys = ("ddf", "fixed_landmarks", "moving_landmarks")
-        if points_in == "world":
-            self.required_output_keys += ("fixed_affine", "moving_affine")
-        super().__init__(output_transform=output_transform, device=device)
-
-    def _case_value(self, ddf: Any, fixed: Any, moving: Any, *affines: Any) -> float:
-        kwargs: dict[str, Any] = {"points_in": self.points_in}
-        if self.points_in == "world":
-            kwargs.update(fixed_affine=affines[0], moving_affine=affines[1])
-        else:
-            kwargs["spacing"] = self.spacing
-        _, mean = landmark_tre(moving, fixed, _unbatched_ddf(ddf), **kwargs)
-        return float(mean[0])
-
-
-class LabelDice(_PerCaseMean):
-    """
-    Mean over cases of the per-case mean Dice over labels (:func:`dice_per_label`).
-
-    Engine output must provide ``"warped_label"`` and ``"fixed_label"``: integer label maps ``[B, 1, *S]`` (or
-    ``[B, *S]``, or lists of per-sample maps). The warped moving label map must be resampled with nearest-neighbour
-    interpolation. Cases without any label (NaN mean) are skipped.
-
-    Args:
-        labels: labels to evaluate; default every non-zero label present in a case.
-        output_transform: maps ``engine.state.output`` to the structure above.
-        device: device of the accumulators.
-    """
-
-    required_output_keys = ("warped_label", "fixed_label")
-
-    def __init__(
-        self,
-        labels: Sequence[int] | None = None,
-        output_transform: Callable = lambda x: x,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.labels = None if labels is None else [int(v) for v in labels]
-        super().__init__(output_transform=output_transform, device=device)
-
-    def _case_value(self, warped: Any, fixed: Any) -> float:
-        return dice_per_label(warped, fixed, self.labels)["mean"]

@@ -16,17 +16,25 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["checkpoint_call", "is_checkpointed", "is_recomputing"]
 
-_STATE = threading.local()
+class _RecomputeState(threading.local):
+    """Per-thread state of the recomputation contexts (every field set here, for every thread)."""
+
+    def __init__(self) -> None:
+        self.recomputing = False
+        self.checkpointed = 0
+
+
+_STATE = _RecomputeState()
 
 
 def is_recomputing() -> bool:
     """True while activation checkpointing recomputes a forward pass inside the backward pass."""
-    return getattr(_STATE, "recomputing", False)
+    return _STATE.recomputing
 
 
 def is_checkpointed() -> bool:
     """True inside a function run by :func:`checkpoint_call` (its first run or its recomputation)."""
-    return getattr(_STATE, "checkpointed", 0) > 0 or is_recomputing()
+    return _STATE.checkpointed > 0 or is_recomputing()
 
 
 @contextmanager
@@ -41,7 +49,7 @@ def _recompute_context():
 
 @contextmanager
 def _checkpointed_context():
-    _STATE.checkpointed = getattr(_STATE, "checkpointed", 0) + 1
+    _STATE.checkpointed += 1
     try:
         yield
     finally:

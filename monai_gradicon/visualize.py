@@ -16,10 +16,8 @@ right. Pixels are square (voxel units) unless a voxel ``spacing`` is given, whic
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from monai_gradicon.io_utils import atomic_write
 from monai_gradicon.metrics import jacobian_determinant
 
 __all__ = [
@@ -293,23 +292,15 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 def save_figure_png(fig: Figure, path: str | os.PathLike) -> Path:
-    """
-    Write ``fig`` as PNG atomically: render to a temporary file in the target folder, then ``os.replace`` it.
-
-    Readers never see a partially written file. Parent folders are created. Returns the final path.
-    """
+    """Write ``fig`` as PNG atomically (:func:`monai_gradicon.io_utils.atomic_write`): readers never see a partially
+    written file. Parent folders are created. Returns the final path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             _agg_canvas(fig).print_png(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

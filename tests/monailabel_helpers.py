@@ -1,9 +1,8 @@
 """Small stand-in bundle and image pairs for the MONAI Label tests (no download, no training).
 
-The bundle follows the GradICON bundle contract: ``configs/inference.json`` with ``network_def`` = a
-``GradICONDDFNet`` (here a 1-step network at 33^3), ``preprocessing`` = LoadImaged -> intensity scaling -> Resized
-(``align_corners=False``) -> ConcatItemsd([moving, fixed] -> image), ``configs/metadata.json`` and ``models/model.pt``
-(a plain state dict of the ``GradICONDDFNet``, keys ``network.steps.*``).
+The bundle is what the GradICON bundles ship: ``configs/metadata.json`` (with the ``model_card`` the weights must
+agree with) and ``models/model.pt`` (the bundle layout ``network.*`` with its model card: a 1-step network at 33^3,
+preprocessing ``none``, file axis order).
 """
 
 from __future__ import annotations
@@ -16,41 +15,14 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from monai_gradicon.networks.registration import GradICONDDFNet, gradicon_network
+from monai_gradicon.networks.registration import GradICONNetwork, gradicon_network
+from monai_gradicon.weights import save_weights
 
 NETWORK_SHAPE = (33, 33, 33)
+CARD = {"axis_order": "reference", "preprocessing": "none", "modality": None}
 
 
-def inference_config(network_shape: Sequence[int] = NETWORK_SHAPE, num_steps: int = 1) -> dict:
-    return {
-        "imports": ["$import torch", "$import monai_gradicon"],
-        "bundle_root": ".",
-        "device": "$torch.device('cpu')",
-        "keys": ["moving_image", "fixed_image"],
-        "network_def": {
-            "_target_": "monai_gradicon.GradICONDDFNet",
-            "network": {
-                "_target_": "monai_gradicon.gradicon_network",
-                "num_steps": num_steps,
-                "spatial_dims": len(network_shape),
-                "input_shape": list(network_shape),
-            },
-        },
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "@keys", "ensure_channel_first": True, "image_only": True},
-                {"_target_": "ScaleIntensityRanged", "keys": "@keys", "a_min": 0.0, "a_max": 100.0,
-                 "b_min": 0.0, "b_max": 1.0, "clip": True},
-                {"_target_": "Resized", "keys": "@keys", "spatial_size": list(network_shape), "mode": "trilinear",
-                 "align_corners": False},
-                {"_target_": "ConcatItemsd", "keys": "@keys", "name": "image", "dim": 0},
-            ],
-        },
-    }
-
-
-def metadata(network_shape: Sequence[int] = NETWORK_SHAPE) -> dict:
+def metadata(network_shape: Sequence[int] = NETWORK_SHAPE, card: dict | None = None) -> dict:
     return {
         "version": "0.0.1",
         "name": "tiny GradICON test bundle",
@@ -60,34 +32,34 @@ def metadata(network_shape: Sequence[int] = NETWORK_SHAPE) -> dict:
             "outputs": {"pred": {"type": "image", "num_channels": len(network_shape),
                                  "spatial_shape": list(network_shape)}},
         },
+        "model_card": dict(CARD if card is None else card),
     }
 
 
 def make_network(network_shape: Sequence[int] = NETWORK_SHAPE, num_steps: int = 1, scale: float = 0.0,
-                 seed: int = 0) -> GradICONDDFNet:
-    """A ``GradICONDDFNet``; ``scale > 0`` fills the (zero-initialised) last layers with small random weights so the
-    transform is not the identity."""
+                 seed: int = 0, **card) -> GradICONNetwork:
+    """A ``GradICONNetwork`` with a card (default :data:`CARD`); ``scale > 0`` fills the (zero-initialised) last
+    layers with small random weights so the transform is not the identity."""
     torch.manual_seed(seed)
-    net = GradICONDDFNet(gradicon_network(num_steps, len(network_shape), network_shape))
+    fields = {k: v for k, v in {**CARD, **card}.items()}
+    net = gradicon_network(num_steps, len(network_shape), network_shape, **fields)
     if scale:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for step in net.network.steps:
+            for step in net.steps:
                 w = step.unet.lastConv.weight
                 w.copy_(torch.randn(w.shape, generator=g) * scale)
     return net.eval()
 
 
-def write_bundle(folder: str, network: GradICONDDFNet | None = None, network_shape: Sequence[int] = NETWORK_SHAPE,
-                 num_steps: int = 1, config: dict | None = None) -> str:
+def write_bundle(folder: str, network: GradICONNetwork | None = None, network_shape: Sequence[int] = NETWORK_SHAPE,
+                 num_steps: int = 1, card: dict | None = None) -> str:
     os.makedirs(os.path.join(folder, "configs"), exist_ok=True)
     os.makedirs(os.path.join(folder, "models"), exist_ok=True)
-    with open(os.path.join(folder, "configs", "inference.json"), "w") as f:
-        json.dump(config or inference_config(network_shape, num_steps), f, indent=2)
     with open(os.path.join(folder, "configs", "metadata.json"), "w") as f:
-        json.dump(metadata(network_shape), f, indent=2)
+        json.dump(metadata(network_shape, card), f, indent=2)
     network = network if network is not None else make_network(network_shape, num_steps)
-    torch.save(network.state_dict(), os.path.join(folder, "models", "model.pt"))
+    save_weights(network, os.path.join(folder, "models", "model.pt"))
     return folder
 
 

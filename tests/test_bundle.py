@@ -34,7 +34,8 @@ from bundle_helpers import (
     quiet,
 )
 from monai_gradicon import WeightFileError
-from monai_gradicon.bundle_utils import check_all_weights_loaded, convert_released_weights, load_bundle_network
+from monai_gradicon.bundle_utils import check_all_weights_loaded, load_bundle_network
+from monai_gradicon.weights import load_weights
 
 NAMES = ["gradicon_lung", "gradicon_brain"]
 KEY_METRIC = {"gradicon_lung": "val_mtre_mm", "gradicon_brain": "val_dice"}
@@ -76,7 +77,12 @@ def trained(request, tmp_path_factory):
 def test_train_outputs(trained):
     name, bundle = trained
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert all(k.startswith("network.steps.") for k in state) and len(state) == 47 * TRAIN_OVERRIDES["stage1_num_steps"]
+    assert all(k.startswith("network.") for k in state) and len(state) == 47 * TRAIN_OVERRIDES["stage1_num_steps"] + 1
+    # the model card says how the weights were trained, and agrees with the bundle's metadata
+    _, card = load_weights(bundle / "models" / "model.pt")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())["model_card"]
+    assert card.input_shape == tuple(TINY_SIZE) and card.num_steps == TRAIN_OVERRIDES["stage1_num_steps"]
+    assert {k: getattr(card, k) for k in meta} == meta
     assert list((bundle / "eval" / "checkpoints").glob("checkpoint_*.pt"))
     assert list((bundle / "eval" / "images").glob("*.png"))
     assert list((bundle / "eval" / "tensorboard").glob("events.out.tfevents.*"))
@@ -93,15 +99,16 @@ def test_train_outputs(trained):
 
 def test_evaluate_workflow(trained):
     name, bundle = trained
-    # evaluate.json builds the final network (final_num_steps: a single stage here, so the trained 2-step one)
-    wf = _workflow(bundle, ["train.json", "evaluate.json"], "eval", bundle_root=str(bundle),
-                   demo_dataset=DEMO_DATA[name], **TRAIN_OVERRIDES)
+    # evaluate.json merges on inference.json: the same pipeline, plus metrics on the original grids
+    wf = _workflow(bundle, ["inference.json", "evaluate.json"], "eval", bundle_root=str(bundle),
+                   demo_dataset=DEMO_DATA[name], **INFER_OVERRIDES)
     _run(wf)
     report = json.loads((bundle / "eval" / "evaluation_metrics.json").read_text())
     assert report["num_cases"] >= 1
     assert (bundle / "eval" / "evaluation_metrics_per_case.csv").read_text().startswith("case,epoch,")
     key = "tre_after_mm" if name == "gradicon_lung" else "dice_after"
-    assert key in report["summary"]
+    assert key in report["summary"] and np.isfinite(report["summary"][key]["mean"])
+    assert "folds_percent" in report["summary"] and list((bundle / "eval" / "images").glob("evaluation_*.png"))
 
 
 def test_inference_workflow(trained):
@@ -110,19 +117,24 @@ def test_inference_workflow(trained):
                    **INFER_OVERRIDES)
     _run(wf)
     out_dir = bundle / "eval" / "inference"
-    warped = sorted(out_dir.glob("*_warped.nii.gz"))
-    ddfs = sorted(out_dir.glob("*_ddf.nii.gz"))
-    assert warped and len(warped) == len(ddfs)
+    fields = sorted(out_dir.glob("*_displacement_mm.nii.gz"))
+    assert fields
+    for path in fields:
+        case = path.name[: -len("_displacement_mm.nii.gz")]
+        assert (out_dir / f"{case}_ddf_voxels.nii.gz").is_file() and (out_dir / f"{case}_warped.nii.gz").is_file()
     datalist = json.loads((bundle / "demo_data" / "datalist.json").read_text())
     first = datalist["validation"][0]
     fixed_name = first.get("fixed_image") or datalist["validation"][1]["image"]
     fixed = nib.load(bundle / "demo_data" / fixed_name)
-    img = nib.load(warped[0]) if name == "gradicon_lung" else nib.load(
-        [p for p in warped if Path(fixed_name).name.split(".")[0] in p.name.split("_to_")[1]][0])
-    assert img.shape == fixed.shape and np.allclose(img.affine, fixed.affine)
-    field = nib.load(ddfs[0])
-    assert field.shape[:3] == fixed.shape and field.shape[-1] == 3
-    assert np.isfinite(field.get_fdata()).all()
+    stem = Path(fixed_name).name.split(".")[0]
+    case = [p for p in fields if p.name.split("_to_")[1].startswith(stem)][0].name[: -len("_displacement_mm.nii.gz")]
+    warped = nib.load(out_dir / f"{case}_warped.nii.gz")
+    assert warped.shape == fixed.shape and np.allclose(warped.affine, fixed.affine)
+    field = nib.load(out_dir / f"{case}_displacement_mm.nii.gz")  # ITK / Slicer convention
+    assert field.shape == (*fixed.shape, 1, 3) and int(field.header["intent_code"]) == 1007
+    ddf = nib.load(out_dir / f"{case}_ddf_voxels.nii.gz")  # MONAI Warp convention
+    assert ddf.shape == (*fixed.shape, 3)
+    assert np.isfinite(field.get_fdata()).all() and np.isfinite(ddf.get_fdata()).all()
 
 
 def test_verify_metadata_offline():
@@ -172,7 +184,8 @@ def test_monai_bundle_load_every_tensor(trained):
     net = monai.bundle.load(name=name, bundle_dir=str(bundle.parent), workflow_type="inference", device="cpu",
                             source="github", net_override=override)
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert len(net.state_dict()) == len(state) == 47 * INFER_OVERRIDES["num_steps"]
+    assert len(net.state_dict()) == len(state) == 47 * INFER_OVERRIDES["num_steps"] + 1  # + the model card
+    assert net.network.card == load_weights(bundle / "models" / "model.pt")[1]
     assert check_all_weights_loaded(net, state) == len(state)
     # MONAI's loader silently leaves a mismatched network untrained; our helper refuses it
     bad = monai.bundle.load(name=name, bundle_dir=str(bundle.parent), workflow_type="inference", device="cpu",
@@ -192,23 +205,38 @@ def test_convert_released_weights(tmp_path):
     source = gradicon_network(1, 3)
     for p in source.parameters():
         p.data.normal_()
-    official = tmp_path / "released.trch"
+    official = tmp_path / "lung_model_weights_step_2.trch"
     torch.save(network_to_official_state(source), official)
-    out = convert_released_weights(official, output=tmp_path / "model.pt")
-    state = torch.load(out, weights_only=True)
+    bundle = make_tmp_bundle("gradicon_lung", tmp_path / "b")
+    res = subprocess.run([sys.executable, "-m", "monai_gradicon.bundle_utils", "convert", "--weights", str(official),
+                          "--bundle_dir", str(bundle)], capture_output=True, text=True)
+    assert res.returncode == 0 and "48 tensors" in res.stdout, res.stderr
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     target = GradICONDDFNet(gradicon_network(1, 3))
     target.load_state_dict(state, strict=True)
-    assert check_all_weights_loaded(target, state) == 47
+    assert check_all_weights_loaded(target, state) == 48
     assert torch.equal(target.network.steps[0].unet.lastConv.weight, source.steps[0].unet.lastConv.weight)
-    # the command line does the same, and reports a bad file clearly
+    card = target.network.card
+    assert (card.axis_order, card.preprocessing, card.input_shape) == ("reference", "lung_ct", (175, 175, 175))
+    assert card.source_file == official.name and len(card.source_sha256) == 64
+    # the existing model.pt is never replaced silently, and the released file never
     res = subprocess.run([sys.executable, "-m", "monai_gradicon.bundle_utils", "convert", "--weights", str(official),
-                          "--output", str(tmp_path / "cli.pt")], capture_output=True, text=True)
-    assert res.returncode == 0 and "47 tensors" in res.stdout
+                          "--bundle_dir", str(bundle)], capture_output=True, text=True)
+    assert res.returncode == 2 and "already exists" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "monai_gradicon.bundle_utils", "convert", "--weights", str(official),
+                          "--output", str(official), "--overwrite"], capture_output=True, text=True)
+    assert res.returncode == 2 and "is the input file" in res.stderr
+    # weights of another model do not go into this bundle: the card contradicts its metadata
+    brain = tmp_path / "brain_model_weights_step_2.trch"
+    brain.write_bytes(official.read_bytes())
+    res = subprocess.run([sys.executable, "-m", "monai_gradicon.bundle_utils", "convert", "--weights", str(brain),
+                          "--bundle_dir", str(bundle), "--overwrite"], capture_output=True, text=True)
+    assert res.returncode == 2 and "preprocessing: the card says 'brain'" in res.stderr
     (tmp_path / "junk.trch").write_bytes(b"not a torch file")
     res = subprocess.run([sys.executable, "-m", "monai_gradicon.bundle_utils", "convert", "--weights",
                           str(tmp_path / "junk.trch"), "--output", str(tmp_path / "x.pt")],
                          capture_output=True, text=True)
-    assert res.returncode == 1 and "error:" in res.stderr
+    assert res.returncode == 2 and "error:" in res.stderr and "junk.trch" in res.stderr
 
 
 def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from monai_gradicon import registration_api
+from monai_gradicon import cli
 from monai_gradicon.cli import main
+from monai_gradicon.pipeline import OUTPUT_FILES
+from monai_gradicon.weights import save_weights
 from monai_gradicon.io import read_image, write_nifti
 from test_instance_optimization import slim_network
 from test_io import _nrrd_bytes
@@ -22,7 +24,7 @@ SLIM_SHAPE = "24,24,24"
 @pytest.fixture(scope="module")
 def slim_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "slim.pt"
-    torch.save(slim_network(1, (24, 24, 24)).state_dict(), path)
+    save_weights(slim_network(1, (24, 24, 24), preprocessing="lung_ct", modality="ct"), path)
     return str(path)
 
 
@@ -69,14 +71,15 @@ def test_register_warp_evaluate(lung_files, slim_weights, capsys):
     out = lung_files / "out"
     code, _, err = run(["register", "--fixed", lung_files / "fixed.nii.gz", "--moving", lung_files / "moving.nrrd",
                         "--output_dir", out, "--weights", slim_weights, "--input_shape", SLIM_SHAPE,
-                        "--io_iterations", 2, "--io_lr", 1e-3, "--noprogress"], capsys)
+                        "--io_iterations", 2, "--io_lr", 1e-3, "--noprogress", "--noauto_masks"], capsys)
     assert code == 0, err
     assert "Done in" in err and "Folds" in err
-    assert sorted(os.listdir(out)) == sorted(registration_api.OUTPUT_FILES.values())
+    masks = {OUTPUT_FILES["fixed_mask"], OUTPUT_FILES["moving_mask"]}  # written only when computed (--auto_masks)
+    assert sorted(os.listdir(out)) == sorted(set(OUTPUT_FILES.values()) - masks)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["io_iterations"] == 2 and summary["settings"]["preprocess"] == "lung_ct"
-    assert summary["settings"]["weights"] == os.path.abspath(slim_weights)
-    stages = {"load", "preprocess", "instance_optimization", "compose_and_warp", "write", "total"}
+    assert summary["settings"]["io_iterations"] == 2 and summary["settings"]["preprocessing"] == "lung_ct"
+    assert summary["weights"] == os.path.abspath(slim_weights) and summary["model_card"]["preprocessing"] == "lung_ct"
+    stages = {"read", "preprocess", "instance_optimization", "original_grids", "total_before_write"}
     assert stages <= set(summary["timings_seconds"])
     assert summary["instance_optimization"]["steps"] == 2
     fixed = nib.load(lung_files / "fixed.nii.gz")
@@ -124,7 +127,8 @@ def test_register_warp_evaluate(lung_files, slim_weights, capsys):
 
     # the finished folder is protected
     code, _, err = run(["register", "--fixed", lung_files / "fixed.nii.gz", "--moving", lung_files / "moving.nrrd",
-                        "--output_dir", out, "--weights", slim_weights, "--input_shape", SLIM_SHAPE], capsys)
+                        "--output_dir", out, "--weights", slim_weights, "--input_shape", SLIM_SHAPE, "--noauto_masks"],
+                       capsys)
     assert code == 2 and "--overwrite" in err
     code, _, err = run(["warp", "--transform_dir", out, "--image", lung_files / "moving_labels.nii.gz",
                         "--output", lung_files / "moving_labels.nii.gz", "--labels", "--overwrite"], capsys)
@@ -142,7 +146,7 @@ def small_files(tmp_path):
 
 def test_bad_inputs_are_clear_errors(small_files, slim_weights, capsys):
     d = small_files
-    base = ["--weights", slim_weights, "--input_shape", SLIM_SHAPE, "--io_iterations", 0]
+    base = ["--weights", slim_weights, "--input_shape", SLIM_SHAPE, "--io_iterations", 0, "--noauto_masks"]
 
     def register(fixed, moving, out="out", extra=()):
         return run(["register", "--fixed", fixed, "--moving", moving, "--output_dir", d / out, *base, *extra], capsys)
@@ -177,37 +181,51 @@ def test_bad_inputs_are_clear_errors(small_files, slim_weights, capsys):
     assert code == 0, err
 
 
-def test_reference_axis_order_switch(small_files, slim_weights, capsys):
+def test_pipeline_switches_and_flag_checks(small_files, slim_weights, capsys):
     d = small_files
     base = ["register", "--fixed", d / "a.nii.gz", "--moving", d / "b.nii.gz", "--weights", slim_weights,
-            "--input_shape", SLIM_SHAPE, "--io_iterations", 0, "--nooverview", "--noinverse", "--noprogress"]
-    for flag, expected in ((None, True), ("--noreference_axis_order", False), ("--reference_axis_order", True)):
-        out = d / f"o_{expected}_{flag is None}"
-        code, _, err = run(base + ["--output_dir", out] + ([flag] if flag else []), capsys)
+            "--io_iterations", 0, "--nooverview", "--noinverse", "--noprogress", "--noauto_masks"]
+    for flags, expected in (([], ("physical", "grid")), (["--orientation", "index", "--transform_scheme", "exact"],
+                                                          ("index", "exact"))):
+        out = d / f"o_{expected[0]}"
+        code, _, err = run(base + ["--output_dir", out] + flags, capsys)
         assert code == 0, err
         settings = json.loads((out / "summary.json").read_text())["settings"]
-        assert settings["reference_axis_order"] is expected
-    code, _, err = run(base + ["--output_dir", d / "bad", "--reference_axis_order", "maybe"], capsys)
-    assert code == 2 and "--noreference_axis_order" in err
+        assert (settings["orientation"], settings["transform_scheme"]) == expected
+        assert settings["axis_order"] == "reference"  # from the weights' card, not a flag
+    # --outputs writes only what was asked for (and the summary); without the inverse it is not computed
+    code, _, err = run(base + ["--output_dir", d / "few", "--outputs", "displacement,jacobian"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(d / "few")) == ["displacement_mm.nii.gz", "jacobian_determinant.nii.gz", "summary.json"]
+    assert json.loads((d / "few" / "summary.json").read_text())["settings"]["inverse"] is False
+    code, _, err = run(base + ["--output_dir", d / "bad", "--orientation", "lps"], capsys)
+    assert code == 2 and "--orientation must be one of physical, index" in err
+    # a misspelt or unknown flag fails before anything runs, naming the nearest valid flag
+    code, _, err = run(base + ["--output_dir", d / "typo", "--fixed_msk", d / "a.nii.gz"], capsys)
+    assert code == 2 and "unknown flag --fixed_msk; did you mean --fixed_mask?" in err
+    code, _, err = run(base + ["--output_dir", d / "typo", "--reference_axis_order"], capsys)
+    assert code == 2 and "unknown flag --reference_axis_order" in err
+    assert not (d / "typo").exists() and not (d / "bad").exists()
+    # a card that contradicts explicit settings is an error before the work
+    code, _, err = run(base + ["--output_dir", d / "x", "--preprocess", "brain"], capsys)
+    assert code == 2 and "the card says 'lung_ct', you asked for 'brain'" in err
+    code, _, err = run(base + ["--output_dir", d / "x", "--modality", "mri"], capsys)
+    assert code == 2 and "modality 'ct'" in err
 
 
 def test_default_weights(small_files, slim_weights, capsys, monkeypatch):
     d = small_files
-    monkeypatch.setattr(registration_api, "BUNDLES_DIR", d / "bundles")
+    monkeypatch.setattr(cli, "BUNDLES_DIR", d / "bundles")
     args = ["register", "--fixed", d / "a.nii.gz", "--moving", d / "b.nii.gz", "--output_dir", d / "o",
-            "--io_iterations", 0]
+            "--io_iterations", 0, "--noauto_masks"]
     code, _, err = run(args, capsys)
     assert code == 2 and "default weights for --modality ct are missing" in err and "convert-weights" in err
     models = d / "bundles" / "gradicon_lung" / "models"
     models.mkdir(parents=True)
     (models / "model.pt").write_bytes(open(slim_weights, "rb").read())
-    configs = d / "bundles" / "gradicon_lung" / "configs"
-    configs.mkdir()
-    meta = {"network_data_format": {"inputs": {"image": {"spatial_shape": [24, 24, 24]}}}}
-    (configs / "metadata.json").write_text(json.dumps(meta))
     code, _, err = run(args, capsys)
     assert code == 0, err
-    assert "Using the default weights for --modality ct" in err and "(24, 24, 24) (from the bundle's metadata)" in err
+    assert "Using the default weights for --modality ct" in err and "shape (24, 24, 24) in the reference" in err
 
 
 def test_convert_weights_and_released_file_directly(small_files, capsys):
@@ -220,10 +238,12 @@ def test_convert_weights_and_released_file_directly(small_files, capsys):
     with torch.no_grad():
         net.steps[0].unet.lastConv.weight.normal_(0, 1e-3)
     torch.save(network_to_official_state(net), d / "released.trch")
-    code, _, err = run(["convert-weights", "--input", d / "released.trch", "--output", d / "ours.pt"], capsys)
-    assert code == 0 and "1-step 3D" in err
+    # an unrecognised release name leaves the card's shape and preprocessing open: state them once, here
+    code, _, err = run(["convert-weights", "--input", d / "released.trch", "--output", d / "ours.pt",
+                        "--input_shape", SLIM_SHAPE, "--preprocessing", "lung_ct"], capsys)
+    assert code == 0 and "1-step 3D" in err and "sha256" in err, err
     converted = torch.load(d / "ours.pt", weights_only=True)
-    assert all(torch.equal(v, converted[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, converted["network." + k]) for k, v in net.state_dict().items() if k != "model_card")
     code, _, err = run(["convert-weights", "--input", d / "released.trch", "--output", d / "ours.pt"], capsys)
     assert code == 2 and "already exists" in err
     code, _, err = run(["convert-weights", "--input", d / "released.trch", "--output", d / "released.trch",
@@ -231,9 +251,10 @@ def test_convert_weights_and_released_file_directly(small_files, capsys):
     assert code == 2 and "is the input file" in err
     outs = {}
     for name in ("released.trch", "ours.pt"):
+        extra = ["--input_shape", SLIM_SHAPE, "--preprocess", "lung_ct"] if name.endswith(".trch") else []
         code, _, err = run(["register", "--fixed", d / "a.nii.gz", "--moving", d / "b.nii.gz", "--output_dir",
-                            d / name.split(".")[0], "--weights", d / name, "--input_shape", SLIM_SHAPE,
-                            "--io_iterations", 0, "--nooverview", "--noinverse"], capsys)
+                            d / name.split(".")[0], "--weights", d / name, "--io_iterations", 0, "--nooverview",
+                            "--noinverse", "--noauto_masks", *extra], capsys)
         assert code == 0, err
         outs[name] = np.asarray(nib.load(d / name.split(".")[0] / "displacement_mm.nii.gz").dataobj)
     assert np.abs(outs["ours.pt"]).max() > 1e-3
@@ -256,13 +277,12 @@ def test_python_dash_m_entry_point():
 def test_2d_jpeg_slices(shared_data, tmp_path, capsys):
     """Two real 2D brain slices (JPEG, read through MONAI LoadImage) with a 2D checkpoint."""
     from monai_gradicon.networks.registration import gradicon_network
-    from monai_gradicon.networks.unet2 import UNet2
 
-    net = gradicon_network(1, 2)
-    net.steps[0].unet = UNet2(2, 1, down_channels=(8, 16, 16, 32, 32), up_channels=(8, 16, 16, 16, 16))
+    net = gradicon_network(1, 2, preprocessing="brain", modality="mri", down_channels=(8, 16, 16, 32, 32),
+                           up_channels=(8, 16, 16, 16, 16))
     with torch.no_grad():
         net.steps[0].unet.lastConv.weight.normal_(0, 1e-3)
-    torch.save(net.state_dict(), tmp_path / "net2d.pt")
+    save_weights(net, tmp_path / "net2d.pt")
     slices = os.path.join(shared_data, "antspy")
     code, _, err = run(["register", "--fixed", os.path.join(slices, "r16slice.jpg"), "--moving",
                         os.path.join(slices, "r64slice.jpg"), "--output_dir", tmp_path / "o", "--modality", "mri",
@@ -278,3 +298,26 @@ def test_2d_jpeg_slices(shared_data, tmp_path, capsys):
     code, _, err = run(["warp", "--transform_dir", tmp_path / "o", "--image", tmp_path / "vol.nii.gz",
                         "--output", tmp_path / "w.nii.gz"], capsys)
     assert code == 2 and "3D but the transform is 2D" in err
+
+
+def test_automatic_lung_masks_on_real_ct(shared_data, slim_weights, tmp_path, capsys):
+    """No masks given with lung weights: lung masks are computed, used and written next to the results; an image
+    that is not a chest CT is a clear error unless --noauto_masks."""
+    lungs = os.path.join(shared_data, "lung_ct_pyradiomics")
+    out = tmp_path / "auto"
+    code, _, err = run(["register", "--fixed", os.path.join(lungs, "lung1_image.nrrd"), "--moving",
+                        os.path.join(lungs, "lung2_image.nrrd"), "--output_dir", out, "--weights", slim_weights,
+                        "--io_iterations", 0, "--nooverview", "--noinverse", "--noprogress"], capsys)
+    assert code == 0, err
+    assert "computing automatic lung masks" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks"]["fixed"].startswith("automatic lung mask") and summary["settings"]["auto_masks"]
+    for name in ("fixed", "moving"):
+        mask = nib.load(out / f"{name}_lung_mask.nii.gz")
+        assert mask.shape == read_image(os.path.join(lungs, f"lung{1 if name == 'fixed' else 2}_image.nrrd")).shape
+        assert 1000 < summary["masks"]["automatic"][name]["volume_ml"] < 9000
+        assert np.asarray(mask.dataobj).max() == 1
+    brain = os.path.join(shared_data, "brain_mni152_2009a_sym", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    code, _, err = run(["register", "--fixed", brain, "--moving", brain, "--output_dir", tmp_path / "brain",
+                        "--weights", slim_weights, "--io_iterations", 0, "--noprogress"], capsys)
+    assert code == 2 and "does not look like a CT" in err and not (tmp_path / "brain").exists()

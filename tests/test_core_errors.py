@@ -8,13 +8,15 @@ import torch
 from monai_gradicon import maps
 from monai_gradicon.losses import GradICONObjective, LNCCLoss
 from monai_gradicon.networks import GradICONDDFNet, gradicon_network, gradicon_preset, min_input_size
+from monai_gradicon.model_card import CardError, ModelCard
 from monai_gradicon.weights import (
     WeightFileError,
+    convert_weights,
     export_official_weights,
     load_network_weights,
-    load_official_weights,
-    network_from_official_weights,
+    load_weights,
     network_to_official_state,
+    save_weights,
 )
 from tolerance import assert_f32_close
 
@@ -89,10 +91,15 @@ def test_official_weights_roundtrip(tmp_path):
     net, state = random_official_state()
     path = tmp_path / "w.trch"
     torch.save(state, path)
-    loaded = network_from_official_weights(path)
+    loaded, card = load_weights(path)
     assert loaded.num_steps == 2 and loaded.spatial_dims == 2
-    for (k1, v1), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+    assert loaded.state_dict().keys() == net.state_dict().keys()
+    for k, v in net.state_dict().items():
+        assert k == "model_card" or torch.equal(v, loaded.state_dict()[k]), k
+    # a released file gets the reference's card: reference axis order, its name and hash; an unknown name leaves the
+    # shape and the preprocessing open
+    assert card.axis_order == "reference" and card.source_file == "w.trch" and len(card.source_sha256) == 64
+    assert card.preprocessing is None and card.input_shape is None and loaded.card == card
     # export writes the released layout back, byte-equal tensors
     out = tmp_path / "exported.trch"
     export_official_weights(loaded, out)
@@ -105,7 +112,7 @@ def test_full_module_state_with_regis_net_prefix_loads():
     net, state = random_official_state()
     wrapped = {"regis_net." + k: v for k, v in state.items()}
     target = gradicon_network(2, 2)
-    load_official_weights(target, wrapped)
+    load_network_weights(target, wrapped)
     assert torch.equal(target.state_dict()["steps.1.unet.lastConv.weight"], net.state_dict()["steps.1.unet.lastConv.weight"])
 
 
@@ -113,26 +120,26 @@ def test_unexpected_keys_listed():
     _, state = random_official_state()
     state["netPsi.net.extraLayer.weight"] = torch.zeros(1)
     with pytest.raises(WeightFileError, match="extraLayer"):
-        load_official_weights(gradicon_network(2, 2), state)
+        load_network_weights(gradicon_network(2, 2), state)
 
 
 def test_missing_keys_listed():
     _, state = random_official_state()
     del state["netPsi.net.lastConv.bias"]
     with pytest.raises(WeightFileError, match=r"missing keys: steps\.1\.unet\.lastConv\.bias"):
-        load_official_weights(gradicon_network(2, 2), state)
+        load_network_weights(gradicon_network(2, 2), state)
 
 
 def test_wrong_step_count_rejected():
     _, state = random_official_state(num_steps=2)
     with pytest.raises(WeightFileError, match="does not fit a 4-step network"):
-        load_official_weights(gradicon_network(4, 2), state)
+        load_network_weights(gradicon_network(4, 2), state)
 
 
 def test_wrong_dimension_rejected():
     _, state = random_official_state(num_steps=2, dim=2)
     with pytest.raises(WeightFileError, match="wrong shape"):
-        load_official_weights(gradicon_network(2, 3), state)
+        load_network_weights(gradicon_network(2, 3), state)
 
 
 def test_our_checkpoint_recognised(tmp_path):
@@ -141,6 +148,63 @@ def test_our_checkpoint_recognised(tmp_path):
     torch.save({"network." + k: v for k, v in net.state_dict().items()}, path)
     target = load_network_weights(gradicon_network(2, 2), path)
     assert torch.equal(target.state_dict()["steps.0.unet.downConvs.0.weight"], net.state_dict()["steps.0.unet.downConvs.0.weight"])
+
+
+def test_model_card_travels_with_the_weights(tmp_path):
+    """save_weights -> load_weights gives the same tensors and the same card, in the bundle layout (network.*)."""
+    net = gradicon_network(2, 2, (40, 36), axis_order="file", preprocessing="brain", modality="mri", name="test net")
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.01)
+    save_weights(net, tmp_path / "w.pt")
+    raw = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert all(k.startswith("network.") for k in raw) and "network.model_card" in raw
+    loaded, card = load_weights(tmp_path / "w.pt")
+    assert card == net.card == loaded.card
+    assert card.axis_order == "file" and card.input_shape == (40, 36) and card.preprocessing == "brain"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+    # the card survives stage 1 -> stage 2 with one more step
+    assert net.with_final_step().card == card.replace(num_steps=3)
+
+
+def test_weights_without_card_are_refused_with_the_fix(tmp_path):
+    net, _ = random_official_state()
+    state = {k: v for k, v in net.state_dict().items() if k != "model_card"}
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(WeightFileError, match="(?s)no model card.*convert-weights"):
+        load_weights(tmp_path / "old.pt")
+    with pytest.raises(WeightFileError, match="--axis_order, --input_shape, --preprocessing"):
+        convert_weights(tmp_path / "old.pt", tmp_path / "new.pt")
+    path, card = convert_weights(tmp_path / "old.pt", tmp_path / "new.pt", axis_order="file", input_shape=(40, 40),
+                                 preprocessing="none")
+    loaded, got = load_weights(path)
+    assert got == card and card.axis_order == "file" and card.source_file == "old.pt"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+
+
+def test_card_contradictions_are_errors(tmp_path):
+    net, state = random_official_state(num_steps=1, dim=3)
+    torch.save(state, tmp_path / "lung_model_weights_step_2.trch")
+    _, card = load_weights(tmp_path / "lung_model_weights_step_2.trch")
+    assert (card.preprocessing, card.input_shape, card.modality) == ("lung_ct", (175, 175, 175), "ct")
+    with pytest.raises(CardError, match="preprocessing: the card says 'lung_ct', you asked for 'brain'"):
+        convert_weights(tmp_path / "lung_model_weights_step_2.trch", tmp_path / "x.pt", preprocessing="brain")
+    with pytest.raises(CardError, match="destination requires"):
+        convert_weights(tmp_path / "lung_model_weights_step_2.trch", tmp_path / "x.pt",
+                        expect={"preprocessing": "brain", "modality": "mri"})
+    with pytest.raises(CardError, match="num_steps 4 vs the network's 2"):
+        gradicon_network(2, 2).card = ModelCard(num_steps=4, spatial_dims=2)
+    with pytest.raises(CardError, match="axis_order"):
+        ModelCard(axis_order="zyx")
+    with pytest.raises(CardError, match="preprocessing"):
+        ModelCard(preprocessing="hu_window")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    net, state = random_official_state()
+    state["netPsi.net.lastConv.bias"] = torch.full_like(state["netPsi.net.lastConv.bias"], float("nan"))
+    torch.save(state, tmp_path / "nan.trch")
+    with pytest.raises(WeightFileError, match="non-finite.*lastConv.bias"):
+        load_weights(tmp_path / "nan.trch")
 
 
 def test_missing_and_unreadable_files(tmp_path):

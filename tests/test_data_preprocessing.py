@@ -1,4 +1,4 @@
-"""Tests for the intensity preprocessing functions and MONAI dictionary transforms."""
+"""The intensity preprocessing registry (one per name, used by every door), its functions and its MONAI transform."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from tolerance import assert_f32_close
 from monai_gradicon.data import (
-    BrainMaxNormalized,
-    LungCTNormalized,
-    UniGradICONCTNormalized,
-    UniGradICONMRNormalized,
+    PREPROCESSING,
+    IntensityPreprocessd,
     brain_max_normalize,
     kth_quantile,
     lung_ct_normalize,
+    preprocess,
     unigradicon_ct_normalize,
     unigradicon_mr_normalize,
 )
@@ -27,9 +27,11 @@ HU = np.array([[-2000.0, -1000.0, -750.0, -250.0, 0.0, 500.0]], dtype=np.float32
 def test_lung_ct_normalize_hand_computed():
     np.testing.assert_allclose(lung_ct_normalize(HU), [[0, 0, 0.25, 0.75, 1, 1]])
     mask = np.array([[1, 0, 1, 0.5, -1, 3]])  # > 0 counts as lung, values are binarised
-    np.testing.assert_allclose(lung_ct_normalize(HU, mask), [[0, 0, 0.25, 0.75, 0, 1]])
+    np.testing.assert_allclose(preprocess(HU, "lung_ct", mask), [[0, 0, 0.25, 0.75, 0, 1]])
     with pytest.raises(ValueError, match="mask shape"):
-        lung_ct_normalize(HU, np.ones((1, 5)))
+        preprocess(HU, "lung_ct", np.ones((1, 5)))
+    with pytest.raises(ValueError, match="Unknown preprocessing 'ct'"):
+        preprocess(HU, "ct")
 
 
 def test_type_and_metadata_are_preserved():
@@ -39,7 +41,7 @@ def test_type_and_metadata_are_preserved():
     out_t = unigradicon_ct_normalize(tensor)
     assert isinstance(out_t, torch.Tensor) and out_t.dtype == torch.float32
     meta = MetaTensor(torch.from_numpy(HU), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
-    out_m = lung_ct_normalize(meta, MetaTensor(torch.ones_like(meta)))
+    out_m = preprocess(meta, "lung_ct", MetaTensor(torch.ones_like(meta)))
     assert isinstance(out_m, MetaTensor)
     torch.testing.assert_close(out_m.affine, meta.affine)
     with pytest.raises(TypeError):
@@ -61,7 +63,7 @@ def test_unigradicon_mr_normalize_uses_reference_kthvalue():
     assert kth_quantile(values, 0.99) == 198.0
     assert torch.kthvalue(torch.from_numpy(values).flatten(), 198).values.item() == 198.0
     out = unigradicon_mr_normalize(values)
-    np.testing.assert_allclose(out, np.clip((values - 1.0) / 197.0, 0, 1), rtol=1e-6)
+    assert_f32_close(out, np.clip((values - 1.0) / 197.0, 0, 1))
     assert out.min() == 0.0 and out.max() == 1.0 and np.sum(out == 1.0) == 3  # 198, 199, 200
     # n = 50: int(49.5) = 49 -> 49th smallest of 0..49 is 48
     assert kth_quantile(np.arange(50.0), 0.99) == 48.0
@@ -75,7 +77,8 @@ def test_brain_max_normalize_hand_computed():
         brain_max_normalize(np.zeros(3))
 
 
-def test_dictionary_transforms():
+def test_registry_names_and_dictionary_transform():
+    assert set(PREPROCESSING) == {"lung_ct", "unigradicon_ct", "unigradicon_mri", "brain", "none"}
     data = {
         "fixed_image": HU.copy(),
         "moving_image": HU.copy() + 250,
@@ -83,28 +86,34 @@ def test_dictionary_transforms():
         "moving_label": np.ones((1, 6)),
         "other": "kept",
     }
-    out = LungCTNormalized(["fixed_image", "moving_image"], mask_keys=["fixed_label", "moving_label"])(data)
+    t = IntensityPreprocessd(["fixed_image", "moving_image"], "lung_ct", mask_keys=["fixed_label", "moving_label"])
+    out = t(data)
     np.testing.assert_allclose(out["fixed_image"], [[0, 0, 0.25, 0.75, 0, 1]])
     np.testing.assert_allclose(out["moving_image"], [[0, 0.25, 0.5, 1, 1, 1]])
     assert out["other"] == "kept" and data["fixed_image"][0, 2] == -750.0  # input dict is not modified
     with pytest.raises(ValueError, match="mask_keys"):
-        LungCTNormalized(["fixed_image", "moving_image"], mask_keys=["fixed_label"])
-    with pytest.raises(KeyError, match="absent"):
-        LungCTNormalized(["fixed_image"], mask_keys=["absent"])(data)
-    skipped = LungCTNormalized(["fixed_image", "nope"], allow_missing_keys=True)(data)
-    np.testing.assert_allclose(skipped["fixed_image"], [[0, 0, 0.25, 0.75, 1, 1]])
+        IntensityPreprocessd(["fixed_image", "moving_image"], "lung_ct", mask_keys=["fixed_label"])
+    with pytest.raises(ValueError, match="Unknown preprocessing"):
+        IntensityPreprocessd(["fixed_image"], "hu")
+    with pytest.raises(TypeError, match="use_masks"):
+        IntensityPreprocessd(["fixed_image"], "lung_ct", use_masks="false")
+    # an absent mask leaves the image unmasked (masks are optional per pair); use_masks=False ignores them
+    absent = IntensityPreprocessd(["fixed_image"], "lung_ct", mask_keys=["absent"])(data)
+    np.testing.assert_allclose(absent["fixed_image"], [[0, 0, 0.25, 0.75, 1, 1]])
+    off = IntensityPreprocessd(["fixed_image"], "lung_ct", mask_keys=["fixed_label"], use_masks=False)(data)
+    np.testing.assert_allclose(off["fixed_image"], [[0, 0, 0.25, 0.75, 1, 1]])
 
-    ct = UniGradICONCTNormalized("fixed_image")(data)["fixed_image"]
+    ct = IntensityPreprocessd("fixed_image", "unigradicon_ct")(data)["fixed_image"]
     np.testing.assert_allclose(ct, [[0, 0, 0.125, 0.375, 0.5, 0.75]])
     mr = {"image": np.arange(1.0, 201.0).reshape(1, 200)}
-    np.testing.assert_allclose(UniGradICONMRNormalized("image")(mr)["image"][0, 99], 99.0 / 197.0, rtol=1e-6)
-    np.testing.assert_allclose(BrainMaxNormalized("image")(mr)["image"][0, -1], 0.9, rtol=1e-6)
+    assert_f32_close(IntensityPreprocessd("image", "unigradicon_mri")(mr)["image"][0, 99], 99.0 / 197.0)
+    assert_f32_close(IntensityPreprocessd("image", "brain")(mr)["image"][0, -1], 0.9)
+    assert_f32_close(IntensityPreprocessd("image", "none")(mr)["image"], mr["image"])
 
 
 def test_transform_names_do_not_shadow_monai_and_subclass_maptransform():
-    for cls in (LungCTNormalized, UniGradICONCTNormalized, UniGradICONMRNormalized, BrainMaxNormalized):
-        assert not hasattr(mt, cls.__name__), cls.__name__
-        assert issubclass(cls, mt.MapTransform)
+    assert not hasattr(mt, IntensityPreprocessd.__name__)
+    assert issubclass(IntensityPreprocessd, mt.MapTransform)
 
 
 def test_in_a_monai_loading_pipeline(tmp_path):
@@ -118,10 +127,10 @@ def test_in_a_monai_loading_pipeline(tmp_path):
         [
             mt.LoadImaged(["image", "mask"], image_only=True),
             mt.EnsureChannelFirstd(["image", "mask"]),
-            LungCTNormalized("image", mask_keys="mask"),
+            IntensityPreprocessd("image", "lung_ct", mask_keys="mask"),
         ]
     )
     out = pipeline({"image": str(tmp_path / "ct.nii.gz"), "mask": str(tmp_path / "mask.nii.gz")})["image"]
     assert out.shape == (1, 4, 5, 6)
     expected = np.clip((image.astype(np.float32) + 1000) / 1000, 0, 1) * mask
-    np.testing.assert_allclose(np.asarray(out[0]), expected, atol=1e-6)
+    assert_f32_close(np.asarray(out[0]), expected)

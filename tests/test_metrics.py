@@ -3,14 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
 
 from monai_gradicon.metrics import (
-    FoldingPercentage,
-    LabelDice,
-    LogJacobianStd,
-    RegistrationTRE,
     dice_per_label,
     folding_percentage,
     jacobian_determinant,
@@ -296,90 +290,6 @@ def test_dice_float_labels():
         dice_per_label(torch.zeros(3, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
 
 
-# ------------------------------------------------------------------------------------------------ Ignite metrics
-
-
-def _run(metric, batches, name="m", epochs=1):
-    engine = Engine(lambda e, batch: batch)
-    metric.attach(engine, name)
-    engine.run(batches, max_epochs=epochs)
-    return engine.state.metrics[name]
-
-
-def test_folding_metric_accumulates_over_iterations():
-    folded = folded_ddf_2d()  # 50 %
-    identity = torch.zeros_like(folded)  # 0 %
-    flipped = linear_ddf([[-2.0, 0.0], [0.0, 0.0]], (10, 4))  # 100 %
-    batches = [{"ddf": torch.cat([folded, identity])}, {"ddf": flipped}]
-    assert _run(FoldingPercentage(), batches) == pytest.approx(50.0)  # (50 + 0 + 100) / 3 cases
-    assert _run(FoldingPercentage(), batches, epochs=2) == pytest.approx(50.0)  # reset each epoch
-    # MONAI-style decollated output: a list of per-sample dicts
-    decollated = [[{"ddf": folded[0]}, {"ddf": identity[0]}], [{"ddf": flipped[0]}]]
-    assert _run(FoldingPercentage(), decollated) == pytest.approx(50.0)
-    # output_transform selecting the ddf from a nested output
-    nested = [{"pred": {"ddf": folded}}, {"pred": {"ddf": folded}}]
-    assert _run(FoldingPercentage(output_transform=lambda o: o["pred"]["ddf"]), nested) == pytest.approx(50.0)
-
-
-def test_log_jacobian_std_metric():
-    batches = [{"ddf": folded_ddf_2d()}, {"ddf": torch.zeros(1, 2, 10, 4)}]
-    assert _run(LogJacobianStd(), batches) == pytest.approx(-math.log(1e-9) / 4)
-
-
-def test_tre_metric_accumulates_over_iterations():
-    shape = (6, 6, 6)
-    ddf = torch.zeros(2, 3, *shape)
-    ddf[:, 0] = 1.0
-    fixed = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]] * 2)
-    moving = fixed.clone()
-    moving[:, :, 0] += 1.0  # exact for both cases
-    moving[1, 1, 2] += 2.0  # case 2: errors 0 and 2 -> mTRE 1
-    batch1 = {"ddf": ddf, "fixed_landmarks": fixed, "moving_landmarks": moving}
-    # iteration 2: one case, landmark lists of a different length, error 3 voxels along axis 1 -> 6 mm with spacing 2
-    batch2 = {
-        "ddf": ddf[:1],
-        "fixed_landmarks": [torch.tensor([[3.0, 1.0, 1.0]])],
-        "moving_landmarks": [torch.tensor([[4.0, 4.0, 1.0]])],
-    }
-    assert _run(RegistrationTRE(points_in="voxel"), [batch1, batch2]) == pytest.approx((0 + 1 + 3) / 3)
-    assert _run(RegistrationTRE(points_in="voxel", spacing=2.0), [batch1, batch2]) == pytest.approx((0 + 2 + 6) / 3)
-
-
-def test_tre_metric_world_requires_affines():
-    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
-    out = {
-        "ddf": torch.zeros(1, 3, 5, 5, 5),
-        "fixed_landmarks": torch.tensor([[[2.0, 2.0, 2.0]]]),
-        "moving_landmarks": torch.tensor([[[2.0, 2.0, 5.0]]]),
-        "fixed_affine": affine[None],
-        "moving_affine": affine[None],
-    }
-    assert _run(RegistrationTRE(points_in="world"), [out, out]) == pytest.approx(3.0)
-    del out["moving_affine"]
-    with pytest.raises(ValueError, match="moving_affine"):
-        _run(RegistrationTRE(points_in="world"), [out])
-
-
-def test_label_dice_metric():
-    fixed = torch.tensor([[[1, 1, 2, 2, 0, 0]]])
-    warped = torch.tensor([[[1, 2, 2, 2, 0, 3]]])
-    empty = torch.zeros_like(fixed)
-    batches = [
-        {"warped_label": torch.cat([warped, fixed]), "fixed_label": torch.cat([fixed, fixed])},
-        {"warped_label": empty, "fixed_label": empty},  # no labels: NaN case, skipped
-    ]
-    expected = ((2 / 3 + 0.8 + 0.0) / 3 + 1.0) / 2
-    assert _run(LabelDice(), batches) == pytest.approx(expected)
-    assert _run(LabelDice(labels=[2]), batches[:1]) == pytest.approx((0.8 + 1.0) / 2)
-
-
-def test_metric_without_data_is_not_computable():
-    with pytest.raises(NotComputableError):
-        FoldingPercentage().compute()
-    with pytest.raises(ValueError, match="missing key"):
-        _run(LabelDice(), [{"fixed_label": torch.zeros(1, 1, 3)}])
-
-
 def test_tre_moving_landmarks_checked_against_moving_grid():
     """A moving landmark outside the fixed grid but inside a larger moving grid is valid when moving_shape says so."""
     from monai_gradicon.metrics import landmark_tre
@@ -405,3 +315,16 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
+
+
+def test_tre_statistics_hand_computed():
+    from monai_gradicon.metrics import tre_statistics
+
+    truth = np.zeros((4, 3))
+    predicted = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    stats = tre_statistics(predicted, truth)
+    assert stats["per_landmark_mm"] == [5.0, 1.0, 2.0, 0.0]
+    assert stats["mean_mm"] == 2.0 and stats["max_mm"] == 5.0 and stats["median_mm"] == 1.5
+    assert stats["p95_mm"] == float(np.percentile([5.0, 1.0, 2.0, 0.0], 95))
+    with pytest.raises(ValueError, match="\\[K, dim\\]"):
+        tre_statistics(predicted[:3], truth)

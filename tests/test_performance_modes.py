@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from monai_gradicon import maps
+from monai_gradicon.coordinate_transforms import ComposedTransform, DisplacementTransform
 from monai_gradicon.losses import GradICONObjective, LNCCLoss, gaussian_blur, gaussian_kernel1d, local_ncc
 from monai_gradicon.networks import UNet2, gradicon_network
-from monai_gradicon.networks.unet2 import _CropCatChannelsLast, conv3d_channels_last_input_grad
+from monai_gradicon.networks.cpu_kernels import (
+    CropCatChannelsLast,
+    conv3d_channels_last_input_grad,
+    conv_transpose3d_k4s2p1_matmul,
+    conv_transpose3d_k4s2p1_matmul_grads,
+)
 from tolerance import assert_f32_close
 
 
@@ -237,7 +243,7 @@ def test_crop_cat_channels_last_equals_crop_then_cat(x_shape, skip_shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=g).contiguous(memory_format=cl).requires_grad_(True)
     skip = torch.randn(skip_shape, generator=g).contiguous(memory_format=cl).requires_grad_(True)
-    out = _CropCatChannelsLast.apply(x, skip)
+    out = CropCatChannelsLast.apply(x, skip)
     ref = torch.cat([x[:, :, : skip_shape[2], : skip_shape[3], : skip_shape[4]], skip], dim=1)
     assert torch.equal(out, ref) and out.is_contiguous(memory_format=cl)
     grad = torch.randn(out.shape, generator=g)
@@ -271,16 +277,14 @@ def test_recompute_levels_is_validated():
         UNet2(3, recompute_levels=6)
 
 
-def test_recomputed_compositions_same_values_and_gradients(monkeypatch):
-    from monai_gradicon.coordinate_transforms import ComposedTransform
-
+def test_recomputed_compositions_same_values_and_gradients():
     shape = (65, 65, 66)
     a, b = smooth_pair(shape, seed=2)
     noise = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(3))
     results = []
     for recompute in (False, True):
-        monkeypatch.setattr(ComposedTransform, "recompute_in_backward", recompute)
         net = random_net(4, 3, seed=4)
+        net.set_recompute_compositions(recompute)
         out = GradICONObjective(net, LNCCLoss(5)).train()(a, b, noise=noise)
         out.loss.backward()
         results.append((out.loss.detach(), out.phi_ab.detach(), [p.grad.clone() for p in net.parameters()]))
@@ -294,9 +298,9 @@ def test_channels_last_switch_is_respected():
     net = random_net(1, 3, seed=5)
     a, b = smooth_pair((20, 22, 21), seed=1)
     unet = net.steps[0].unet
-    assert unet._channels_last(a)  # automatic on CPU float32 3D
+    assert unet._runs_channels_last(a)  # automatic on CPU float32 3D
     net.set_channels_last(False)
-    assert not unet._channels_last(a)
+    assert unet.channels_last is False and not unet._runs_channels_last(a)
     with torch.no_grad():
         exact = net(a, b).on_grid((20, 22, 21))
     net.set_channels_last(None)
@@ -304,3 +308,69 @@ def test_channels_last_switch_is_respected():
         fast = net(a, b).on_grid((20, 22, 21))
     # channels-last convolutions sum in another order: maps agree to float32 rounding of the coordinates
     assert_f32_close(exact, fast, ulps=16, scale=1.0)
+
+
+def test_performance_switches_are_explicit_attributes():
+    """Every switch is a plain attribute set in ``__init__`` (or the constructor) and changed by the named setters;
+    the composition recomputation is per instance, not a class-level global."""
+    unet = UNet2(3, down_channels=(4, 4, 4, 4, 4), up_channels=(4, 4, 4, 4, 4))
+    assert unet.channels_last is None and unet.autocast_dtype is None and unet.compiled_body is None
+    assert UNet2(2, channels_last=False, autocast_dtype=torch.bfloat16).autocast_dtype is torch.bfloat16
+    net = gradicon_network(2, 2, down_channels=(4, 4, 4, 4, 4), up_channels=(4, 4, 4, 4, 4))
+    unets = [step.unet for step in net.steps]
+    net.set_channels_last(False)
+    net.set_mixed_precision(torch.bfloat16)
+    assert all(u.channels_last is False and u.autocast_dtype is torch.bfloat16 for u in unets)
+    net.set_mixed_precision(None)
+    assert all(u.autocast_dtype is None for u in unets)
+
+    assert "recompute_in_backward" not in vars(ComposedTransform)
+    fields = [torch.zeros(1, 2, 5, 5, requires_grad=True) for _ in range(2)]
+    parts = [DisplacementTransform(f) for f in fields]
+    assert not ComposedTransform(*parts)._recompute()
+    assert not (parts[0] @ parts[1]).recompute_in_backward
+    assert ComposedTransform(*parts, recompute_in_backward=True)._recompute()
+    assert not net.recompute_compositions
+    net.set_recompute_compositions(True)
+    assert net.with_final_step().recompute_compositions
+    a, b = smooth_pair((34, 33), seed=3)
+    phi = net(a, b)
+    assert isinstance(phi, ComposedTransform) and phi.recompute_in_backward
+    net.set_recompute_compositions(False)
+    assert not net(a, b).recompute_in_backward
+
+
+def test_matmul_transposed_convolution_equals_conv_transpose3d():
+    """The k4/s2/p1 transposed convolution as matrix products (CPU inference forward, training backward)."""
+    g = torch.Generator().manual_seed(11)
+    conv = torch.nn.ConvTranspose3d(24, 8, 4, 2, 1)
+    x = torch.randn(2, 24, 5, 6, 7, generator=g, requires_grad=True)
+    y = conv(x)
+    grad = torch.randn(y.shape, generator=g)
+    ref = torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)
+    with torch.no_grad():
+        ours = conv_transpose3d_k4s2p1_matmul(x, conv.weight, conv.bias)
+    # each output sums up to 24 x 8 products (and the bias) in another order (~3 rounding steps measured)
+    assert_f32_close(ours, y, ulps=32, what="forward")
+    gx, gw, gb = conv_transpose3d_k4s2p1_matmul_grads(x.detach(), conv.weight.detach(), grad, True, True, True)
+    for name, a, r in (("input", gx, ref[0]), ("weight", gw, ref[1]), ("bias", gb, ref[2])):
+        # the weight and bias gradients sum one term per voxel (2 x 210 input, 2 x 1680 output voxels; <= 13
+        # rounding steps measured)
+        assert_f32_close(a, r, ulps=128, what=f"{name} gradient")
+
+
+def test_compiled_body_is_an_explicit_switch():
+    """``compile_body`` sets ``compiled_body``; the forward pass then runs it (same values; the ``eager`` backend
+    traces with dynamo and needs no C++ compiler) and recomputes no tail around it."""
+    pytest.importorskip("torch._dynamo")
+    torch.manual_seed(0)
+    unet = UNet2(3, down_channels=(4, 8, 8, 16, 16), up_channels=(4, 8, 8, 8, 16)).eval()
+    torch.nn.init.normal_(unet.lastConv.weight, std=1e-2)
+    a, b = smooth_pair((20, 21, 22), seed=4)
+    with torch.no_grad():
+        eager = unet(a, b)
+    unet.compile_body(backend="eager")
+    assert unet.compiled_body is not None
+    with torch.no_grad():
+        assert torch.equal(unet(a, b), eager)
+    assert unet._tail_levels(a.clone().requires_grad_(True)) == 0

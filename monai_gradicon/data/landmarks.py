@@ -10,6 +10,15 @@ import numpy as np
 __all__ = ["read_landmarks"]
 
 _SEPARATORS = re.compile(r"[,;\s]+")
+_DELIMITERS = (",", ";", "\t")
+
+
+def _split(text: str, delimiter: str | None) -> list[str]:
+    """Split a row on the file's delimiter (so a header name may hold spaces, e.g. ``point id``), or on runs of
+    whitespace when the file has none."""
+    if delimiter is None:
+        return [t for t in _SEPARATORS.split(text) if t]
+    return [t.strip() for t in text.split(delimiter) if t.strip()]
 
 
 def _is_number(token: str) -> bool:
@@ -53,11 +62,16 @@ def read_landmarks(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"landmark file not found: {path}")
-    rows: list[tuple[int, list[str]]] = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        text = line.strip()
-        if text and not text.startswith("#"):
-            rows.append((line_no, [t for t in _SEPARATORS.split(text) if t]))
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text landmark file (it holds binary data); expected rows of x, y, z "
+                         "numbers") from None
+    lines = [(n, line.strip()) for n, line in enumerate(content.splitlines(), start=1)]
+    lines = [(n, text) for n, text in lines if text and not text.startswith("#")]
+    first = lines[0][1] if lines else ""
+    delimiter = next((d for d in _DELIMITERS if d in first), None)
+    rows: list[tuple[int, list[str]]] = [(n, _split(text, delimiter)) for n, text in lines]
     if not rows:
         raise ValueError(f"no landmarks in {path}")
     columns = [0, 1, 2]

@@ -1,9 +1,13 @@
-"""Intensity preprocessing of the GradICON / uniGradICON reference, as functions and MONAI dictionary transforms.
+"""Intensity preprocessing of the GradICON / uniGradICON reference: the one registry every door uses.
+
+:data:`PREPROCESSING` maps a name (what a model card records) to a function; :func:`preprocess` applies one with an
+optional binary mask, and :class:`IntensityPreprocessd` is the same as a MONAI dictionary transform for the bundles'
+configs. The command line, the bundles, MONAI Label and the Python API all go through these, so a name means the
+same intensities everywhere.
 
 All functions take one sample (any shape, typically ``[C, D, H, W]``) as a numpy array or torch tensor (MONAI
 ``MetaTensor`` metadata is kept) and return the same kind, as float32. Statistics (min, max, quantile) are taken
-over the whole sample. Resizing to the network shape is not done here: use MONAI
-``Resized(mode="trilinear", align_corners=False)``.
+over the whole sample. Resizing to the network shape is not done here (see :mod:`monai_gradicon.pipeline`).
 
 * lung CT (GradICON lung): clip HU to [-1000, 0], ``(HU + 1000) / 1000`` -> [0, 1], times the binarised lung mask.
 * uniGradICON CT: clip HU to [-1000, 1000] -> [0, 1].
@@ -13,7 +17,9 @@ over the whole sample. Resizing to the network shape is not done here: use MONAI
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +27,13 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 
+from monai_gradicon.config import config_bool
+
 __all__ = [
-    "BrainMaxNormalized",
-    "LungCTNormalized",
-    "UniGradICONCTNormalized",
-    "UniGradICONMRNormalized",
+    "PREPROCESSING",
+    "Preprocessing",
+    "IntensityPreprocessd",
+    "preprocess",
     "brain_max_normalize",
     "kth_quantile",
     "lung_ct_normalize",
@@ -65,28 +73,11 @@ def kth_quantile(image: ArrayLike, q: float) -> float:
     return float(torch.kthvalue(flat.cpu(), k).values)
 
 
-def lung_ct_normalize(image: ArrayLike, mask: ArrayLike | None = None) -> ArrayLike:
-    """GradICON lung CT: clip HU to [-1000, 0], map to [0, 1] by ``(HU + 1000) / 1000``, zero outside ``mask > 0``.
-
-    Args:
-        image: CT in HU, any shape (e.g. [1, D, H, W]).
-        mask: optional lung mask broadcastable to ``image`` (any value > 0 counts as lung).
-
-    Raises:
-        ValueError: the mask shape does not broadcast to the image shape.
+def lung_ct_normalize(image: ArrayLike) -> ArrayLike:
+    """GradICON lung CT: clip HU to [-1000, 0] and map to [0, 1] by ``(HU + 1000) / 1000`` (masking: :func:`preprocess`).
     """
     x, was_numpy = _as_float_tensor(image)
-    out = (torch.clamp(x, -1000.0, 0.0) + 1000.0) / 1000.0
-    if mask is not None:
-        m, _ = _as_float_tensor(mask)
-        try:
-            fits = torch.broadcast_shapes(tuple(m.shape), tuple(out.shape)) == tuple(out.shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"lung mask shape {tuple(m.shape)} does not broadcast to image shape {tuple(out.shape)}")
-        out = out * (_plain(m) > 0).to(out.dtype).to(out.device)
-    return _restore(out, was_numpy)
+    return _restore((torch.clamp(x, -1000.0, 0.0) + 1000.0) / 1000.0, was_numpy)
 
 
 def unigradicon_ct_normalize(image: ArrayLike, hu_min: float = -1000.0, hu_max: float = 1000.0) -> ArrayLike:
@@ -123,78 +114,85 @@ def brain_max_normalize(image: ArrayLike, target_max: float = 0.9) -> ArrayLike:
     return _restore(x * (target_max / peak), was_numpy)
 
 
-class LungCTNormalized(MapTransform):
-    """Dictionary version of :func:`lung_ct_normalize`.
+@dataclass(frozen=True)
+class Preprocessing:
+    """A named intensity preprocessing: ``function(sample) -> sample`` (float32, same kind and shape)."""
+
+    name: str
+    description: str
+    function: Callable[[ArrayLike], ArrayLike]
+
+
+PREPROCESSING: dict[str, Preprocessing] = {
+    p.name: p
+    for p in (
+        Preprocessing("lung_ct", "GradICON lung CT: clip HU to [-1000, 0], (HU + 1000) / 1000 -> [0, 1]",
+                      lung_ct_normalize),
+        Preprocessing("unigradicon_ct", "uniGradICON CT: clip HU to [-1000, 1000] -> [0, 1]", unigradicon_ct_normalize),
+        Preprocessing("unigradicon_mri", "uniGradICON MR: [min, 99th percentile] -> [0, 1]", unigradicon_mr_normalize),
+        Preprocessing("brain", "GradICON brain: x * 0.9 / max(x)", brain_max_normalize),
+        Preprocessing("none", "intensities used as stored (float32)", lambda x: _restore(*_as_float_tensor(x))),
+    )
+}
+"""Every preprocessing a model card may name. A mask, when given, is binarised (> 0) and multiplied in afterwards
+(the lung model expects lung-masked CT)."""
+
+
+def preprocess(image: ArrayLike, name: str, mask: ArrayLike | None = None) -> ArrayLike:
+    """Apply the named :data:`PREPROCESSING`, then multiply by the binarised ``mask`` (broadcastable to ``image``).
+
+    Raises:
+        ValueError: unknown name, or a mask that does not broadcast to the image.
+    """
+    if name not in PREPROCESSING:
+        raise ValueError(f"Unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSING)}.")
+    out = PREPROCESSING[name].function(image)
+    if mask is None:
+        return out
+    x, was_numpy = _as_float_tensor(out)
+    m, _ = _as_float_tensor(mask)
+    try:
+        fits = torch.broadcast_shapes(tuple(m.shape), tuple(x.shape)) == tuple(x.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not broadcast to image shape {tuple(x.shape)}")
+    return _restore(x * (_plain(m) > 0).to(x.dtype).to(x.device), was_numpy)
+
+
+class IntensityPreprocessd(MapTransform):
+    """Dictionary version of :func:`preprocess` for the bundles' configs.
 
     Args:
-        keys: image keys (CT in HU, e.g. ``("fixed_image", "moving_image")``).
-        mask_keys: lung mask key for each image key (same length; a single key for a single image key), or None
-            for no masking.
-        allow_missing_keys: skip absent image keys instead of raising.
+        keys: image keys (e.g. ``("fixed_image", "moving_image")``).
+        name: a :data:`PREPROCESSING` name.
+        mask_keys: the mask key of each image key (same length), or None for no masking; a mask key absent from the
+            data leaves its image unmasked (masks are optional per pair).
+        use_masks: False ignores masks even when present.
     """
 
     def __init__(
-        self, keys: KeysCollection, mask_keys: KeysCollection | None = None, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        name: str,
+        mask_keys: Sequence[Hashable] | None = None,
+        use_masks: bool = True,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if name not in PREPROCESSING:
+            raise ValueError(f"Unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSING)}.")
+        self.name = name
         self.mask_keys: tuple[Hashable | None, ...] = (
             (None,) * len(self.keys) if mask_keys is None else ensure_tuple(mask_keys)
         )
         if len(self.mask_keys) != len(self.keys):
             raise ValueError(f"mask_keys {self.mask_keys} must give one mask key per image key {self.keys}")
+        self.use_masks = config_bool(use_masks, "use_masks")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key, mask_key in self.key_iterator(d, self.mask_keys):
-            if mask_key is not None and mask_key not in d:
-                raise KeyError(f"LungCTNormalized: mask key {mask_key!r} (for {key!r}) not in the data")
-            d[key] = lung_ct_normalize(d[key], None if mask_key is None else d[mask_key])
-        return d
-
-
-class UniGradICONCTNormalized(MapTransform):
-    """Dictionary version of :func:`unigradicon_ct_normalize` (clip HU to [hu_min, hu_max] -> [0, 1])."""
-
-    def __init__(
-        self, keys: KeysCollection, hu_min: float = -1000.0, hu_max: float = 1000.0, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if not hu_max > hu_min:
-            raise ValueError(f"hu_max must exceed hu_min, got [{hu_min}, {hu_max}]")
-        self.hu_min, self.hu_max = float(hu_min), float(hu_max)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = unigradicon_ct_normalize(d[key], self.hu_min, self.hu_max)
-        return d
-
-
-class UniGradICONMRNormalized(MapTransform):
-    """Dictionary version of :func:`unigradicon_mr_normalize` (min -> 0, ``quantile`` -> 1, clipped)."""
-
-    def __init__(self, keys: KeysCollection, quantile: float = 0.99, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if not 0.0 < quantile <= 1.0:
-            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-        self.quantile = float(quantile)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = unigradicon_mr_normalize(d[key], self.quantile)
-        return d
-
-
-class BrainMaxNormalized(MapTransform):
-    """Dictionary version of :func:`brain_max_normalize` (``x * target_max / max(x)``)."""
-
-    def __init__(self, keys: KeysCollection, target_max: float = 0.9, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.target_max = float(target_max)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = brain_max_normalize(d[key], self.target_max)
+            mask = d.get(mask_key) if (self.use_masks and mask_key is not None) else None
+            d[key] = preprocess(d[key], self.name, mask)
         return d

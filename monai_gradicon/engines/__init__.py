@@ -7,7 +7,6 @@
 * :class:`ResumableCheckpoint`, :class:`ModelWeightsSaver`: atomic, resumable checkpoints and ``models/model.pt``.
 * :class:`RegistrationEvalOutputd`, :class:`CaseMetricAverage`, :class:`MetricsReportHandler`: validation and
   evaluation metrics (mTRE, Dice, folds) with CSV/JSON reports.
-* :class:`ResampleToFixedGridd`: inference outputs on the original fixed image grid.
 * :func:`registration_datalist`, :class:`SubjectPairDataset`: data sources (layouts, demo data, random pairs).
 """
 
@@ -15,7 +14,6 @@ from monai_gradicon.engines.checkpoint import (
     AtomicSaveHandler,
     ModelWeightsSaver,
     ResumableCheckpoint,
-    is_main_process,
     latest_checkpoint,
 )
 from monai_gradicon.engines.datasets import (
@@ -31,7 +29,9 @@ from monai_gradicon.engines.distributed import (
     get_rank,
     get_world_size,
     init_distributed,
+    is_main_process,
 )
+from monai_gradicon.engines.guard import NonFiniteGuard, NonFiniteTrainingError, check_finite_state
 from monai_gradicon.engines.evaluation import (
     CaseMetricAverage,
     MetricsReportHandler,
@@ -45,10 +45,7 @@ from monai_gradicon.engines.stages import TwoStageHandler, reset_optimizer, unwr
 from monai_gradicon.engines.transforms import (
     CASE_METRICS,
     LoadLandmarksd,
-    LungPairNormalized,
     RegistrationEvalOutputd,
-    ResampleToFixedGridd,
-    case_name,
 )
 
 __all__ = [
@@ -58,18 +55,18 @@ __all__ = [
     "DatalistError",
     "GradICONTrainingModule",
     "LoadLandmarksd",
-    "LungPairNormalized",
     "MetricsReportHandler",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
     "ModelWeightsSaver",
     "PairAugmentation",
     "PairPrepareBatch",
     "RegistrationEvalOutputd",
-    "ResampleToFixedGridd",
     "ResumableCheckpoint",
     "SCALAR_KEYS",
     "SubjectPairDataset",
     "TwoStageHandler",
-    "case_name",
+    "check_finite_state",
     "destroy_distributed",
     "distributed_device",
     "ensure_demo_dataset",

@@ -18,22 +18,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
 from monai_gradicon.engines.stages import unwrap
 from monai_gradicon.io_utils import atomic_torch_save
+from monai_gradicon.engines.distributed import is_main_process
+from monai_gradicon.config import config_bool
+from monai_gradicon.engines.guard import check_finite_state
 
-__all__ = ["AtomicSaveHandler", "ResumableCheckpoint", "ModelWeightsSaver", "is_main_process", "latest_checkpoint"]
+__all__ = ["AtomicSaveHandler", "ResumableCheckpoint", "ModelWeightsSaver", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """True unless running under an initialised ``torch.distributed`` group with rank > 0."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class AtomicSaveHandler(BaseSaveHandler):
@@ -45,6 +42,9 @@ class AtomicSaveHandler(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if not is_main_process():
             return
+        for key, value in checkpoint.items():
+            if isinstance(value, Mapping) and key in ("model", "network"):
+                check_finite_state(value, f"the checkpoint {self.dirname / filename}")
         self.dirname.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(dict(checkpoint), self.dirname / filename)
 
@@ -78,8 +78,12 @@ class ResumableCheckpoint:
         save_dict: objects with ``state_dict``/``load_state_dict``, e.g.
             ``{"stage": ..., "model": ..., "optimizer": ...}`` (the engine is added as ``"trainer"``).
         interval: save every ``interval`` epochs (and always when training completes); 0 saves only at completion.
-        n_saved: how many of the latest checkpoints to keep (older files in ``save_dir`` are removed).
-        resume: at ``Events.STARTED``, load the latest checkpoint of ``save_dir`` if there is one.
+        n_saved: how many of this run's latest checkpoints to keep (its older files are removed; files of other runs
+            are never touched).
+        resume: at ``Events.STARTED``, load the latest checkpoint of ``save_dir`` if there is one (and continue that
+            run). With ``False``, checkpoints of an earlier run found there are moved, untouched, into
+            ``<save_dir>/previous_run_<n>/`` so this run starts over without losing them and a later resume
+            continues this run.
         name: file name stem.
         map_location: device the checkpoint tensors are loaded to (default: CPU, then copied by ``load_state_dict``).
         include_engine: add the engine the handler is attached to as ``"trainer"`` (epoch and iteration), which a
@@ -97,12 +101,14 @@ class ResumableCheckpoint:
         self.save_dict = dict(save_dict)
         self.interval = int(interval)
         self.n_saved = int(n_saved)
-        self.resume = bool(resume)
+        self.resume = config_bool(resume, "resume")
         self.name = name
         self.map_location = map_location
         self.include_engine = bool(include_engine)
         self.checkpoint: Checkpoint | None = None
         self.loaded_from: Path | None = None
+        self.archived_to: Path | None = None
+        self._own: set[str] = set()  # file names this run wrote or resumed from
 
     def attach(self, engine: Engine) -> None:
         if self.include_engine and "trainer" not in self.save_dict:
@@ -116,6 +122,8 @@ class ResumableCheckpoint:
         )
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
+        else:
+            engine.add_event_handler(Events.STARTED, self.archive_previous_run)
         if self.interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
@@ -124,16 +132,39 @@ class ResumableCheckpoint:
         if self.checkpoint is None:
             raise RuntimeError("ResumableCheckpoint.attach(engine) must be called before saving.")
         self.checkpoint(engine)
+        if self.checkpoint.last_checkpoint is not None:
+            self._own.add(os.path.basename(str(self.checkpoint.last_checkpoint)))
         self._remove_stale()
 
-    def _remove_stale(self) -> None:
-        """Keep only the ``n_saved`` newest files (also files left by an earlier, resumed run)."""
-        if not is_main_process() or not self.save_dir.is_dir():
-            return
+    def _files(self) -> list[tuple[int, Path]]:
         pattern = re.compile(rf"^{re.escape(self.name)}_(\d+)\.pt$")
-        files = sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := pattern.match(p.name)))
-        for _, path in files[: max(0, len(files) - self.n_saved)]:
+        if not self.save_dir.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := pattern.match(p.name)))
+
+    def _remove_stale(self) -> None:
+        """Keep only the ``n_saved`` newest files of **this run** (written or resumed from); never touch others."""
+        if not is_main_process():
+            return
+        own = [(it, p) for it, p in self._files() if p.name in self._own]
+        for _, path in own[: max(0, len(own) - self.n_saved)]:
             path.unlink(missing_ok=True)
+            self._own.discard(path.name)
+
+    def archive_previous_run(self, engine: Engine) -> None:
+        """Starting over (``resume=False``): move checkpoints of an earlier run into ``previous_run_<n>/``."""
+        files = self._files()
+        if not files or not is_main_process():
+            return
+        n = 1
+        while (self.save_dir / f"previous_run_{n}").exists():
+            n += 1
+        target = self.save_dir / f"previous_run_{n}"
+        target.mkdir()
+        for _, path in files:
+            os.replace(path, target / path.name)
+        self.archived_to = target
+        logger.info(f"Starting over (resume off): moved {len(files)} checkpoint(s) of an earlier run to {target}.")
 
     def load_latest(self, engine: Engine) -> None:
         path = latest_checkpoint(self.save_dir, self.name)
@@ -161,6 +192,7 @@ class ResumableCheckpoint:
                 )
             engine.state.max_epochs = prior_max_epochs
         self.loaded_from = path
+        self._own.add(path.name)
         logger.info(f"Resumed training from {path} (epoch {engine.state.epoch}, iteration {engine.state.iteration}).")
 
 
@@ -213,5 +245,6 @@ class ModelWeightsSaver:
             return
         state = {k: v.detach().cpu() for k, v in unwrap(self.module).state_dict().items()}
         path = self.target()
+        check_finite_state(state, str(path))
         atomic_torch_save(state, path)
         logger.info(f"Saved network weights ({len(state)} tensors) to {path}.")

@@ -33,6 +33,7 @@ from monai_gradicon.data import (
     write_brain_demo_dataset,
     write_lung_demo_dataset,
 )
+from monai_gradicon.engines.distributed import is_main_process
 
 __all__ = [
     "DatalistError",
@@ -63,10 +64,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def ensure_demo_dataset(demo_dir: str | os.PathLike, task: str, **kwargs: Any) -> Path:
     """Write the synthetic demo dataset of ``task`` (``"lung"`` or ``"brain"``) into ``demo_dir`` unless it is
     already complete; return the datalist path. Deterministic (same files every time); under
@@ -75,7 +72,7 @@ def ensure_demo_dataset(demo_dir: str | os.PathLike, task: str, **kwargs: Any) -
         raise ValueError(f"task must be one of {sorted(DEMO_WRITERS)}, got {task!r}.")
     writer = DEMO_WRITERS[task]
     path = None
-    if _is_main():
+    if is_main_process():
         existed = (Path(demo_dir) / "datalist.json").is_file()
         path = writer(demo_dir, **kwargs)
         if not existed:
@@ -166,7 +163,7 @@ def registration_datalist(
         target = (Path(convert_dir) if convert_dir not in (None, "", "None")
                   else folder.parent / (folder.name + "_nifti"))
         if not (target / "datalist.json").is_file():
-            if _is_main():
+            if is_main_process():
                 logger.info(f"Converting DIR-Lab COPDGene {folder} to NIfTI in {target} (once).")
                 dirlab_copd_to_nifti(folder, target, split="all")
             _barrier()

@@ -8,7 +8,20 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "destroy_distributed", "distributed_device", "get_rank", "get_world_size"]
+__all__ = [
+    "init_distributed",
+    "destroy_distributed",
+    "distributed_device",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+]
+
+
+def is_main_process() -> bool:
+    """True unless running under an initialised ``torch.distributed`` group with rank > 0 (the one rank-0 test of
+    the project: files, logs and reports are written by this process only)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def get_rank() -> int:

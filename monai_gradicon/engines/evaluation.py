@@ -28,7 +28,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from monai_gradicon.engines.module import SCALAR_KEYS
 from monai_gradicon.engines.transforms import CASE_METRICS
-from monai_gradicon.io_utils import atomic_write
+from monai_gradicon.io_utils import atomic_write_text
+from monai_gradicon.engines.distributed import is_main_process
 
 __all__ = ["eval_outputs", "train_scalars", "CaseMetricAverage", "MetricsReportHandler", "summarize"]
 
@@ -138,10 +139,6 @@ def _gather(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -150,14 +147,6 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 class MetricsReportHandler:
@@ -215,7 +204,7 @@ class MetricsReportHandler:
         report = {"epoch": epoch, "num_cases": len(rows), "summary": summarize(rows),
                   "engine_metrics": engine_metrics, "cases": rows}
         self.last_report = report
-        if not _main():
+        if not is_main_process():
             return
         columns = ["case", "epoch", *CASE_METRICS]
         buffer = io.StringIO()
@@ -224,8 +213,8 @@ class MetricsReportHandler:
         for row in rows:
             writer.writerow({**{k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()},
                              "epoch": epoch})
-        _write_text(self.path("metrics_per_case.csv"), buffer.getvalue())
-        _write_text(self.path("metrics.json"), json.dumps(_json_safe(report), indent=2) + "\n")
+        atomic_write_text(self.path("metrics_per_case.csv"), buffer.getvalue())
+        atomic_write_text(self.path("metrics.json"), json.dumps(_json_safe(report), indent=2) + "\n")
         if self.history:
             history_path = self.path("metrics_history.json")
             history = []
@@ -236,7 +225,7 @@ class MetricsReportHandler:
                     history = []
             history = [h for h in history if h.get("epoch") != epoch]
             history.append(_json_safe({k: report[k] for k in ("epoch", "num_cases", "summary", "engine_metrics")}))
-            _write_text(history_path, json.dumps(history, indent=2) + "\n")
+            atomic_write_text(history_path, json.dumps(history, indent=2) + "\n")
         if self.log:
             parts = [f"{k}={v['mean']:.4g}" for k, v in report["summary"].items()]
             logger.info(f"Metrics over {len(rows)} case(s) at epoch {epoch}: " + ", ".join(parts) +

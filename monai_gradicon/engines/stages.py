@@ -13,8 +13,10 @@ import logging
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.workflow import Workflow
 from torch import nn
 
+from monai_gradicon.config import config_bool
 from monai_gradicon.engines.module import GradICONTrainingModule
 from monai_gradicon.networks.registration import STEP_LEVELS
 
@@ -49,7 +51,7 @@ def _rewrap(old: nn.Module, module: nn.Module) -> nn.Module:
     if isinstance(old, nn.parallel.DistributedDataParallel):
         kwargs = {"device_ids": old.device_ids, "output_device": old.output_device,
                   "find_unused_parameters": old.find_unused_parameters}
-        if not getattr(old, "broadcast_buffers", True):  # only pass the (deprecated in torch 2.13) non-default
+        if not old.broadcast_buffers:  # only pass the (deprecated in torch 2.13) non-default
             kwargs["broadcast_buffers"] = False
         return nn.parallel.DistributedDataParallel(module, **kwargs)
     if isinstance(old, nn.DataParallel):
@@ -93,7 +95,7 @@ class TwoStageHandler:
         self.optimizer = optimizer
         self.stage1_epochs = int(stage1_epochs)
         self.evaluator = evaluator
-        self.enabled = bool(enabled)
+        self.enabled = config_bool(enabled, "two_stage")
         self.stage2_lr = None if stage2_lr is None else float(stage2_lr)
         self.stage = 1
         self.trainer: Engine | None = None
@@ -114,7 +116,7 @@ class TwoStageHandler:
         self.module.grow()
         reset_optimizer(self.optimizer, self.module.parameters(), lr=self.stage2_lr)
         for engine in (self.trainer, self.evaluator):
-            if engine is not None and getattr(engine, "network", None) is not None:
+            if isinstance(engine, Workflow) and engine.network is not None:  # MONAI engines hold their network
                 if unwrap(engine.network) is self.module and engine.network is not self.module:
                     engine.network = _rewrap(engine.network, self.module)
         self.stage = 2

@@ -1,11 +1,11 @@
 """MONAI dictionary transforms used by the GradICON bundles.
 
 * :class:`LoadLandmarksd`: landmark files -> ``(K, 3)`` world-mm tensors (voxel files converted with the image affine).
-* :class:`LungPairNormalized`: the GradICON lung CT normalisation with *optional* per-entry lung masks.
-* :class:`RegistrationEvalOutputd`: evaluator postprocessing computing the per-case metrics (mTRE before/after,
-  Dice before/after, folds, log-Jacobian std) and the images for TensorBoard/PNG.
-* :class:`ResampleToFixedGridd`: inference postprocessing giving the warped moving image and the DDF on the
-  *original* fixed image grid, with its affine, ready for ``SaveImaged``.
+* :class:`RegistrationEvalOutputd`: the validation during training: per-case metrics of the training module's
+  output on the network grid (mTRE before/after, Dice before/after, folds, log-Jacobian std) and the images for
+  TensorBoard/PNG. (Inference and evaluation on the original grids are :mod:`monai_gradicon.pipeline.transforms`.)
+
+Intensity preprocessing is :class:`monai_gradicon.data.IntensityPreprocessd` (the one registry of every door).
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from monai_gradicon.data.coords import voxel_to_world
 from monai_gradicon.data.landmarks import read_landmarks
-from monai_gradicon.data.preprocessing import lung_ct_normalize
 from monai_gradicon.maps import ddf_to_map, warp_image
 from monai_gradicon.metrics import dice_per_label, folding_percentage, landmark_tre, log_jacobian_std
+from monai_gradicon.pipeline.transforms import case_name
 
 __all__ = [
     "LoadLandmarksd",
-    "LungPairNormalized",
     "RegistrationEvalOutputd",
-    "ResampleToFixedGridd",
     "CASE_METRICS",
-    "case_name",
 ]
 
 CASE_METRICS = (
@@ -63,27 +59,6 @@ def _affine(image: Any, key: str) -> torch.Tensor:
     if affine.ndim == 3:
         affine = affine[0]
     return affine.detach().cpu().to(torch.float64)
-
-
-def _stem(path: Any) -> str:
-    name = os.path.basename(str(path))
-    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".img", ".hdr"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
-
-
-def case_name(data: Mapping, fixed_key: str = "fixed_image", moving_key: str = "moving_image") -> str:
-    """A readable case id: the entry's ``case`` value, else ``<moving file stem>_to_<fixed file stem>``."""
-    if "case" in data and data["case"] not in (None, ""):
-        return str(data["case"])
-    names = []
-    for key in (moving_key, fixed_key):
-        value = data.get(key)
-        meta = value.meta if isinstance(value, MetaTensor) else data.get(f"{key}_meta_dict", {})
-        source = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
-        names.append(_stem(source) if source else key)
-    return f"{names[0]}_to_{names[1]}"
 
 
 class LoadLandmarksd(MapTransform):
@@ -131,33 +106,6 @@ class LoadLandmarksd(MapTransform):
                     raise KeyError(f"LoadLandmarksd: voxel landmarks {key!r} need the image {image_key!r}.")
                 points = voxel_to_world(points, _affine(d[image_key], str(image_key)).numpy())
             d[key] = torch.as_tensor(points, dtype=torch.float64)
-        return d
-
-
-class LungPairNormalized(MapTransform):
-    """GradICON lung CT normalisation (:func:`monai_gradicon.data.lung_ct_normalize`: clip HU to [-1000, 0],
-    ``(HU + 1000) / 1000``, times the binarised lung mask) where the mask of an image is used when the entry has it.
-
-    Args:
-        keys: CT image keys.
-        mask_keys: the lung mask key of each image key (absent masks are skipped; None: never mask).
-        use_masks: False ignores masks even when present.
-    """
-
-    def __init__(self, keys: KeysCollection = ("fixed_image", "moving_image"),
-                 mask_keys: Sequence[Hashable] | None = ("fixed_label", "moving_label"), use_masks: bool = True,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.mask_keys = (None,) * len(self.keys) if mask_keys is None else tuple(mask_keys)
-        if len(self.mask_keys) != len(self.keys):
-            raise ValueError(f"mask_keys {self.mask_keys} must give one mask key per image key {self.keys}.")
-        self.use_masks = bool(use_masks)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key, mask_key in self.key_iterator(d, self.mask_keys):
-            mask = d.get(mask_key) if (self.use_masks and mask_key is not None) else None
-            d[key] = lung_ct_normalize(d[key], mask)
         return d
 
 
@@ -255,103 +203,4 @@ class RegistrationEvalOutputd(MapTransform):
             "ddf": ddf,
             "metrics": metrics,
         }
-        return d
-
-
-def _homogeneous(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """Apply a 4x4 matrix to ``[3, *P]`` points."""
-    shape = points.shape
-    flat = points.reshape(3, -1)
-    out = matrix[:3, :3].to(flat.dtype) @ flat + matrix[:3, 3:].to(flat.dtype)
-    return out.reshape(shape)
-
-
-def _grid_sample_voxels(volume: torch.Tensor, points_vox: torch.Tensor, mode: str = "bilinear",
-                        padding_mode: str = "border") -> torch.Tensor:
-    """Sample ``volume`` ``[C, *S]`` at voxel positions ``points_vox`` ``[3, *P]`` (align_corners=True)."""
-    sizes = volume.shape[1:]
-    coords = [points_vox[k] * (2.0 / max(int(sizes[k]) - 1, 1)) - 1.0 for k in range(3)]
-    grid = torch.stack(coords[::-1], dim=-1)[None].to(volume.dtype)
-    return F.grid_sample(volume[None], grid, mode=mode, padding_mode=padding_mode, align_corners=True)[0]
-
-
-class ResampleToFixedGridd(MapTransform):
-    """Inference postprocessing: resample the registration result onto the **original** fixed image grid.
-
-    Inputs (one decollated sample): ``ddf_key`` = the network output, a voxel DDF ``[3, *N]`` on the network grid
-    of the fixed image; ``fixed_key``/``moving_key`` = the preprocessed (resized) images, whose MetaTensor affines
-    describe the network grids; ``fixed_original_key``/``moving_original_key`` = the images as loaded (copies made
-    before any preprocessing), giving the original grids and intensities.
-
-    Outputs (MetaTensors with the fixed image's original affine, ready for ``SaveImaged``):
-
-    * ``warped_key``: the original moving image (original intensities, e.g. HU) warped onto the original fixed grid
-      (trilinear, border padding).
-    * ``output_ddf_key``: the displacement ``[3, *S_fixed]`` of the transform on the original fixed grid, in
-      **voxels of the fixed grid** (``ddf_units="voxel"``, MONAI ``Warp`` convention: ``Warp()(moving resampled onto
-      the fixed grid, ddf)`` gives the warped image) or in world **mm** (``ddf_units="mm"``, the frame of the NIfTI
-      affine, e.g. RAS). Channel k is along array axis k (voxel) or world axis k (mm).
-
-    The network DDF is interpolated trilinearly between network voxels. Work is done in slabs of ``chunk_size``
-    planes along the first axis to bound memory.
-    """
-
-    def __init__(self, ddf_key: str = "pred", fixed_key: str = "fixed_image", moving_key: str = "moving_image",
-                 fixed_original_key: str = "fixed_original", moving_original_key: str = "moving_original",
-                 warped_key: str = "warped", output_ddf_key: str = "ddf", ddf_units: str = "voxel",
-                 chunk_size: int = 32, drop_originals: bool = True) -> None:
-        super().__init__([ddf_key], allow_missing_keys=False)
-        if ddf_units not in ("voxel", "mm"):
-            raise ValueError(f"ddf_units must be 'voxel' or 'mm', got {ddf_units!r}.")
-        self.ddf_key = ddf_key
-        self.fixed_key, self.moving_key = fixed_key, moving_key
-        self.fixed_original_key, self.moving_original_key = fixed_original_key, moving_original_key
-        self.warped_key, self.output_ddf_key = warped_key, output_ddf_key
-        self.ddf_units = ddf_units
-        self.chunk_size = max(1, int(chunk_size))
-        self.drop_originals = drop_originals
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in (self.fixed_key, self.moving_key, self.fixed_original_key, self.moving_original_key):
-            if key not in d:
-                raise KeyError(f"ResampleToFixedGridd needs {key!r} in the data (see the inference preprocessing).")
-        ddf = _plain(d[self.ddf_key]).detach().float()
-        device = ddf.device
-        fixed_orig, moving_orig = d[self.fixed_original_key], d[self.moving_original_key]
-        a_f = _affine(fixed_orig, self.fixed_original_key)
-        a_m = _affine(moving_orig, self.moving_original_key)
-        a_nf = _affine(d[self.fixed_key], self.fixed_key)
-        a_nm = _affine(d[self.moving_key], self.moving_key)
-        to_net = (torch.linalg.inv(a_nf) @ a_f).to(device)  # fixed voxel -> network fixed voxel
-        net_to_moving = (torch.linalg.inv(a_m) @ a_nm).to(device)  # network moving voxel -> moving voxel
-        net_to_fixed = (torch.linalg.inv(a_f) @ a_nm).to(device)  # network moving voxel -> fixed voxel
-        moving_img = _plain(moving_orig).to(device=device, dtype=torch.float32)
-        shape = tuple(int(s) for s in fixed_orig.shape[1:])
-        if len(shape) != 3 or ddf.shape[0] != 3:
-            raise ValueError(f"ResampleToFixedGridd supports 3D images, got fixed {shape} and ddf {tuple(ddf.shape)}.")
-        warped = torch.empty((moving_img.shape[0], *shape), dtype=torch.float32, device=device)
-        out_ddf = torch.empty((3, *shape), dtype=torch.float32, device=device)
-        axes = [torch.arange(n, dtype=torch.float64, device=device) for n in shape]
-        for start in range(0, shape[0], self.chunk_size):
-            stop = min(shape[0], start + self.chunk_size)
-            grid = torch.stack(torch.meshgrid(axes[0][start:stop], axes[1], axes[2], indexing="ij"), dim=0)
-            p = _homogeneous(grid, to_net)
-            q = p + _grid_sample_voxels(ddf, p.float()).double()
-            warped[:, start:stop] = _grid_sample_voxels(moving_img, _homogeneous(q, net_to_moving).float())
-            fixed_vox = _homogeneous(q, net_to_fixed)
-            disp = fixed_vox - grid
-            if self.ddf_units == "mm":
-                disp = torch.einsum("ij,j...->i...", a_f[:3, :3].to(device), disp)
-            out_ddf[:, start:stop] = disp.float()
-        meta = dict(fixed_orig.meta) if isinstance(fixed_orig, MetaTensor) else {}
-        for key in ("affine", "original_affine", "spatial_shape", "original_channel_dim"):
-            meta.pop(key, None)
-        pair_name = case_name(d, self.fixed_original_key, self.moving_original_key)
-        meta["filename_or_obj"] = pair_name + ".nii.gz"
-        d[self.warped_key] = MetaTensor(warped.cpu(), affine=a_f.clone(), meta=dict(meta))
-        d[self.output_ddf_key] = MetaTensor(out_ddf.cpu(), affine=a_f.clone(), meta=dict(meta))
-        if self.drop_originals:
-            d.pop(self.fixed_original_key, None)
-            d.pop(self.moving_original_key, None)
         return d

@@ -7,7 +7,6 @@ All take ``pred`` (the warped moving image) and ``target`` (the fixed image), bo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from monai_gradicon.recompute import checkpoint_call, is_checkpointed

@@ -1,7 +1,7 @@
 """MONAI Label integration: serve the GradICON bundles as a registration task (optional).
 
 * :mod:`monai_gradicon.monailabel.pipeline` (no ``monailabel`` needed): load a bundle, and the pre / infer / post /
-  write steps of one registration request, as plain functions.
+  write steps of one registration request, as plain functions over :mod:`monai_gradicon.pipeline`.
 * :class:`GradICONRegistrationTask` (needs ``monailabel``, imported on first access only): the ``BasicInferTask``
   subclass the sample app ``apps/gradicon_monailabel`` registers.
 
@@ -15,31 +15,29 @@ from typing import Any
 
 from monai_gradicon.monailabel.pipeline import (
     DDF_UNITS,
+    MASK_KEYS,
     GradICONBundle,
-    PreparedPair,
-    RegistrationOutputs,
     RegistrationRequestError,
     find_bundles,
+    finish_registration,
     load_bundle,
-    prepare_pair,
+    prepare_request,
     register_files,
-    resample_to_fixed,
-    run_registration_network,
+    run_registration,
     write_outputs,
 )
 
 __all__ = [
     "DDF_UNITS",
+    "MASK_KEYS",
     "GradICONBundle",
-    "PreparedPair",
-    "RegistrationOutputs",
     "RegistrationRequestError",
     "find_bundles",
+    "finish_registration",
     "load_bundle",
-    "prepare_pair",
+    "prepare_request",
     "register_files",
-    "resample_to_fixed",
-    "run_registration_network",
+    "run_registration",
     "write_outputs",
     "GradICONRegistrationTask",
     "monailabel_available",

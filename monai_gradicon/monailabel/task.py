@@ -7,8 +7,11 @@ Request contract (``POST /infer/<bundle name>?image=<moving id>``, form field ``
 * ``fixed_image`` in ``params``: the **fixed** image (datastore id or server path); alternatively upload the fixed
   image as the ``label`` part. The app resolves ids to paths (:meth:`GradICONRegistrationTask.resolve_request`).
 * optional ``params``: ``io_iterations`` (instance optimization steps, default 0), ``ddf_units`` (``mm`` default,
-  or ``voxel``), ``padding_mode`` (``border`` default, or ``zeros``), ``result`` (which file is streamed back:
-  ``warped`` default, or ``ddf``), and one id/path per extra key the bundle loads (e.g. lung masks).
+  or ``voxel``), ``padding_mode`` (``border`` default, or ``zeros``), ``orientation`` (``physical`` default, or
+  ``index``), ``transform_scheme`` (``grid`` default, or ``exact``), ``result`` (which file is streamed back:
+  ``warped`` default, or ``ddf``), and ``fixed_mask`` / ``moving_mask`` (ids or paths, e.g. lung masks).
+
+The registration is :mod:`monai_gradicon.pipeline`, the same stages as the command line and the bundles.
 
 Response: the warped moving image (float32 NIfTI on the fixed grid, the fixed image's affine), or the field with
 ``result=ddf``; the JSON part (``output=json`` / ``output=all``) holds ``ddf`` and ``warped_image`` (paths on the
@@ -33,15 +36,19 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monai_gradicon.monailabel.pipeline import (
     DDF_UNITS,
+    MASK_KEYS,
+    PADDING_MODES,
     GradICONBundle,
     RegistrationRequestError,
+    finish_registration,
     load_bundle,
+    parse_choice,
     parse_int,
-    prepare_pair,
-    resample_to_fixed,
-    run_registration_network,
+    prepare_request,
+    run_registration,
     write_outputs,
 )
+from monai_gradicon.pipeline import ORIENTATIONS, TRANSFORM_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ OUTPUT_SUBDIR = "gradicon_monailabel"
 _MAX_OUTPUT_AGE_S = 3600.0
 _RESULTS = ("warped", "ddf")
 _PREPARED = "gradicon_prepared"
-_PHI = "gradicon_phi"
+_TRANSFORMS = "gradicon_transforms"
 _OUTPUTS = "gradicon_outputs"
 _INFO = "gradicon_info"
 
@@ -130,6 +137,8 @@ class GradICONRegistrationTask(BasicInferTask):
                 "io_iterations": self.default_io_iterations,
                 "ddf_units": "mm",
                 "padding_mode": "border",
+                "orientation": "physical",
+                "transform_scheme": "grid",
                 "result": "warped",
             },
             load_strict=True,
@@ -143,11 +152,11 @@ class GradICONRegistrationTask(BasicInferTask):
                 "bundle": self.bundle.root,
                 "bundle_version": self.bundle.version,
                 "network_shape": list(self.bundle.network_shape or []),
+                "model_card": self.bundle.card.to_dict(),
                 "inputs": {
                     "image": "moving image (id, path or uploaded 'file')",
                     "fixed_image": "fixed image (params: id or path; or uploaded 'label')",
-                    **{k: "params: id or path (required)" for k in self.bundle.extra_keys},
-                    **{k: "params: id or path (optional)" for k in self.bundle.optional_keys},
+                    **{k: "params: id or path (optional)" for k in MASK_KEYS},
                 },
                 "outputs": {"pred": "warped moving image on the fixed grid", "ddf": "displacement field (result JSON)"},
             }
@@ -167,8 +176,7 @@ class GradICONRegistrationTask(BasicInferTask):
         request = dict(request)
         if not request.get("fixed_image") and request.get("label"):
             request["fixed_image"] = request["label"]
-        for key, what in (("image", "moving image"), ("fixed_image", "fixed image"),
-                          *((k, k) for k in (*self.bundle.extra_keys, *self.bundle.optional_keys))):
+        for key, what in (("image", "moving image"), ("fixed_image", "fixed image"), *((k, k) for k in MASK_KEYS)):
             value = request.get(key)
             if value is None or value == "":
                 if key == "fixed_image":
@@ -198,18 +206,21 @@ class GradICONRegistrationTask(BasicInferTask):
         return [PrepareRegistrationPair(self._prepare)]
 
     def _prepare(self, data: dict) -> dict:
-        for key in ("io_iterations", "ddf_units", "padding_mode", "result"):
+        for key in ("io_iterations", "ddf_units", "padding_mode", "orientation", "transform_scheme", "result"):
             if key not in data:
                 data[key] = self._config[key]
         data["io_iterations"] = parse_int(data.get("io_iterations"), "io_iterations", 0, self.max_io_iterations)
-        if data.get("ddf_units") not in DDF_UNITS:
-            raise RegistrationRequestError(f"ddf_units must be one of {DDF_UNITS}, got {data.get('ddf_units')!r}.")
-        if data.get("result") not in _RESULTS:
-            raise RegistrationRequestError(f"result must be one of {_RESULTS}, got {data.get('result')!r}.")
-        extras = {k: data.get(k) for k in (*self.bundle.extra_keys, *self.bundle.optional_keys)}
-        prepared = prepare_pair(self.bundle, data.get("image"), data.get("fixed_image"), extras)
+        parse_choice(data.get("ddf_units"), "ddf_units", DDF_UNITS)
+        parse_choice(data.get("padding_mode"), "padding_mode", PADDING_MODES)
+        parse_choice(data.get("orientation"), "orientation", ORIENTATIONS)
+        parse_choice(data.get("transform_scheme"), "transform_scheme", TRANSFORM_SCHEMES)
+        parse_choice(data.get("result"), "result", _RESULTS)
+        masks = {k: data.get(k) for k in MASK_KEYS}
+        prepared = prepare_request(self.bundle, data.get("image"), data.get("fixed_image"), masks,
+                                   io_iterations=data["io_iterations"], orientation=data["orientation"],
+                                   transform_scheme=data["transform_scheme"])
         data[_PREPARED] = prepared
-        data[self.input_key] = prepared.network_input
+        data[self.input_key] = prepared.network_input[0]
         return data
 
     def inferer(self, data=None):
@@ -220,22 +231,28 @@ class GradICONRegistrationTask(BasicInferTask):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         device = _device_name(device)
-        phi, info = run_registration_network(self.bundle, data[_PREPARED], device, data["io_iterations"])
-        data[_PHI] = phi
-        data[_INFO] = {"device": device, **info}
+        transforms = run_registration(self.bundle, data[_PREPARED], device)
+        data[_TRANSFORMS] = transforms
+        info: dict[str, Any] = {"device": device, "instance_optimization_steps": len(transforms.io_history)}
+        if transforms.io_history:
+            info["instance_optimization_seconds"] = round(transforms.seconds, 3)
+            info["instance_optimization_loss"] = [round(transforms.io_history[0]["loss"], 6),
+                                                  round(transforms.io_history[-1]["loss"], 6)]
+        data[_INFO] = info
         return data
 
     def inverse_transforms(self, data=None):
-        return None  # never undo anything on the field: it is resampled explicitly by resample_to_fixed
+        return None  # never undo anything on the field: the pipeline computes it on the original grids
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [WarpToFixedGrid(self._resample)]
 
     def _resample(self, data: dict) -> dict:
         device = _device_name(data.get("device"))
-        outputs = resample_to_fixed(data[_PREPARED], data.pop(_PHI), device, data.get("padding_mode", "border"))
-        data[_OUTPUTS] = outputs
-        warped = MetaTensor(torch.from_numpy(outputs.warped), affine=torch.as_tensor(outputs.affine))
+        fields = finish_registration(data[_PREPARED], data.pop(_TRANSFORMS), device, data.get("padding_mode", "border"))
+        data[_OUTPUTS] = fields
+        fixed = data[_PREPARED].inputs.fixed
+        warped = MetaTensor(torch.from_numpy(fields.warped_moving), affine=torch.as_tensor(fixed.affine))
         data[self.output_label_key] = warped  # on the fixed grid already: no Restored / inverse transforms
         return data
 
@@ -246,16 +263,16 @@ class GradICONRegistrationTask(BasicInferTask):
         stem = f"{self.name}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:8]}"
         warped_path = os.path.join(self.output_dir, f"{stem}_warped.nii.gz")
         ddf_path = os.path.join(self.output_dir, f"{stem}_ddf.nii.gz")
-        result = write_outputs(data[_OUTPUTS], warped_path, ddf_path, data.get("ddf_units", "mm"))
         prepared = data[_PREPARED]
+        result = write_outputs(prepared, data[_OUTPUTS], warped_path, ddf_path, data.get("ddf_units", "mm"))
         result.update(data.get(_INFO, {}))
         result.update(
             {
                 "model": self.name,
                 "bundle_version": self.bundle.version,
-                "moving_image": prepared.moving.path,
-                "fixed_image": prepared.fixed.path,
-                "network_shape": list(prepared.network_shape),
+                "moving_image": prepared.inputs.moving.path,
+                "fixed_image": prepared.inputs.fixed.path,
+                "network_shape": list(prepared.settings.input_shape),
                 "result": data.get("result", "warped"),
             }
         )

@@ -1,0 +1,645 @@
+"""The one registration pipeline: two images (any grids) -> transforms on their original grids.
+
+Every door -- the command line, the bundles' inference and evaluation, the MONAI Label task and the Python API --
+runs these stages and nothing else, so they give the same field for the same pair and weights:
+
+1. :func:`read_pair` -- read and check both images and optional masks (NaN, constant, 2D vs 3D, masks on their
+   image's grid);
+2. :func:`prepare_pair` -- orientation (``"physical"``: the moving array is permuted/flipped, exactly, to the fixed
+   image's orientation; ``"index"``: arrays paired by index as stored, the reference's behaviour), intensity
+   preprocessing (:data:`monai_gradicon.data.preprocessing.PREPROCESSING`, masks binarised and multiplied in),
+   resize to the network shape (trilinear, ``align_corners=False``, as the reference). Tensors stay in the
+   **file's voxel axis order**; the network's own axis order is applied at the network boundary
+   (:meth:`~monai_gradicon.GradICONNetwork.register_file_order`, :func:`~monai_gradicon.networks.to_network_axes`);
+3. :func:`run_network` -- one forward pass per direction, or instance optimization; the transforms come back in
+   the file's axis order, either exactly as composed (``transform_scheme="exact"``) or as the composed map sampled
+   on the network grid and interpolated between its nodes (``"grid"``, the reference's ITK displacement-field
+   transform; the default);
+4. :func:`to_original_grids` -- the transform evaluated at every voxel of the original fixed grid in physical
+   space (:mod:`monai_gradicon.resample`): world-mm field, MONAI voxel DDF, det J, the original moving image warped;
+   the inverse on the original moving grid. A non-finite result is an error, never an output.
+
+:func:`register` runs all four and returns a :class:`~monai_gradicon.pipeline.result.RegistrationResult`.
+What the network needs (axis order, shape, preprocessing) comes from its model card
+(:mod:`monai_gradicon.model_card`) through :func:`resolve_settings`; explicit settings that contradict it are an
+error, and nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
+from monai_gradicon.data.preprocessing import PREPROCESSING, preprocess
+from monai_gradicon.errors import NonFiniteResultError
+from monai_gradicon.instance_optimization import DEFAULT_IO_LR, instance_optimize
+from monai_gradicon.io import Image, as_image
+from monai_gradicon.losses.objective import GradICONObjective
+from monai_gradicon.maps import identity_map
+from monai_gradicon.metrics import jacobian_determinant, log_jacobian_std
+from monai_gradicon.model_card import CardError, ModelCard
+from monai_gradicon.networks.registration import (
+    GradICONNetwork,
+    file_order_transform,
+    map_to_file_order,
+    to_network_axes,
+)
+from monai_gradicon.resample import (
+    DEFAULT_CHUNK_VOXELS,
+    Grid,
+    displacement_to_ddf,
+    physical_displacement,
+    resize_to_network,
+    warp_physical,
+)
+
+__all__ = [
+    "ORIENTATIONS",
+    "TRANSFORM_SCHEMES",
+    "NonFiniteResultError",
+    "RegistrationSettings",
+    "resolve_settings",
+    "resolve_device",
+    "predict_peak_memory_gb",
+    "PairInputs",
+    "PreparedPair",
+    "NetworkTransforms",
+    "OriginalGridFields",
+    "read_pair",
+    "complete_masks",
+    "prepare_pair",
+    "orient_pair",
+    "prepared_from_network_input",
+    "run_network",
+    "transform_from_ddf",
+    "to_original_grids",
+]
+
+ORIENTATIONS = ("physical", "index")
+"""``physical``: the moving array is reoriented (exact permutation/flip) to the fixed image's axis orientation
+before the network sees it, so two files of one anatomy stored with different direction matrices register as the
+anatomy says. ``index``: arrays are paired by voxel index as stored (the reference's behaviour): a moving image
+stored flipped registers as a flipped anatomy."""
+
+TRANSFORM_SCHEMES = ("grid", "exact")
+"""How the network's transform is evaluated at the original grids' voxels. ``grid`` (default, the reference's): the
+composed map is sampled once on the network grid and interpolated trilinearly between its nodes (what the authors'
+ITK displacement-field transform does). ``exact``: the composition of the steps is evaluated at each point itself.
+The two agree at the network grid's nodes; between them they differ by the curvature of the map over one network
+voxel (measured on lung CT pairs: ~0.06 mm mean, ~1 mm max)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` if available else ``cpu``; anything else is checked and passed to :class:`torch.device`."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} was requested but CUDA is not available here; use --device cpu or auto.")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """What one registration runs with (JSON-able through :meth:`to_dict`).
+
+    Attributes:
+        preprocessing: a :data:`~monai_gradicon.data.preprocessing.PREPROCESSING` name.
+        input_shape: network shape in the network's axis order.
+        axis_order: the network's axis order (``"reference"`` or ``"file"``, see :mod:`monai_gradicon.model_card`).
+        orientation: :data:`ORIENTATIONS`.
+        transform_scheme: :data:`TRANSFORM_SCHEMES`.
+        inverse: also compute ``Phi_BA`` on the original moving grid.
+        io_iterations: instance-optimization steps (0: one forward pass).
+        io_lr, io_seed: IO learning rate and jitter seed.
+        auto_masks: with the ``lung_ct`` preprocessing, compute a lung mask (:func:`monai_gradicon.lung_mask.lung_mask`)
+            for an image given without one: the lung model was trained on lung-masked CT. Ignored otherwise.
+    """
+
+    preprocessing: str
+    input_shape: tuple[int, ...]
+    axis_order: str
+    orientation: str = "physical"
+    transform_scheme: str = "grid"
+    inverse: bool = True
+    io_iterations: int = 0
+    io_lr: float = DEFAULT_IO_LR
+    io_seed: int = 0
+    auto_masks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {sorted(PREPROCESSING)}, got {self.preprocessing!r}.")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {self.orientation!r}.")
+        if self.transform_scheme not in TRANSFORM_SCHEMES:
+            raise ValueError(f"transform_scheme must be one of {TRANSFORM_SCHEMES}, got {self.transform_scheme!r}.")
+        if not isinstance(self.inverse, bool):
+            raise ValueError(f"inverse must be True or False, got {self.inverse!r}.")
+        if isinstance(self.io_iterations, bool) or not isinstance(self.io_iterations, int) or self.io_iterations < 0:
+            raise ValueError(f"io_iterations must be a whole number >= 0, got {self.io_iterations!r}.")
+        if isinstance(self.io_lr, bool) or not isinstance(self.io_lr, (int, float)) or not self.io_lr > 0:
+            raise ValueError(f"io_lr must be a positive number, got {self.io_lr!r}.")
+        if isinstance(self.io_seed, bool) or not isinstance(self.io_seed, int):
+            raise ValueError(f"io_seed must be a whole number, got {self.io_seed!r}.")
+        if not isinstance(self.auto_masks, bool):
+            raise ValueError(f"auto_masks must be True or False, got {self.auto_masks!r}.")
+
+    @property
+    def makes_masks(self) -> bool:
+        """Whether missing masks are computed (:attr:`auto_masks` with the ``lung_ct`` preprocessing)."""
+        return self.auto_masks and self.preprocessing == "lung_ct"
+
+    @property
+    def file_order_shape(self) -> tuple[int, ...]:
+        """The network shape in the file's voxel axis order (entry ``k``: the size original axis ``k`` is resized
+        to); the grid the pipeline's normalized coordinates refer to."""
+        return tuple(self.input_shape[::-1]) if self.axis_order == "reference" else tuple(self.input_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preprocessing": self.preprocessing,
+            "preprocessing_description": PREPROCESSING[self.preprocessing].description,
+            "input_shape": list(self.input_shape),
+            "axis_order": self.axis_order,
+            "orientation": self.orientation,
+            "transform_scheme": self.transform_scheme,
+            "inverse": self.inverse,
+            "io_iterations": self.io_iterations,
+            "io_lr": self.io_lr if self.io_iterations else None,
+            "io_seed": self.io_seed if self.io_iterations else None,
+            "auto_masks": self.makes_masks,
+        }
+
+
+def resolve_settings(
+    card: ModelCard,
+    *,
+    preprocessing: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    axis_order: str | None = None,
+    orientation: str = "physical",
+    transform_scheme: str = "grid",
+    inverse: bool = True,
+    io_iterations: int = 0,
+    io_lr: float = DEFAULT_IO_LR,
+    io_seed: int = 0,
+    auto_masks: bool = True,
+    source: str = "the weights",
+) -> RegistrationSettings:
+    """Settings from a model card plus the caller's explicit choices.
+
+    The card decides ``preprocessing``, ``input_shape`` and ``axis_order``; an explicit value (not ``None``) that
+    contradicts it raises :class:`~monai_gradicon.model_card.CardError`, and one the card leaves unknown must be
+    given (also an error otherwise: nothing is guessed).
+    """
+    card.check_agrees({"preprocessing": preprocessing, "input_shape": input_shape, "axis_order": axis_order}, source)
+    pre = card.preprocessing if card.preprocessing is not None else preprocessing
+    shape = card.input_shape if card.input_shape is not None else (tuple(input_shape) if input_shape else None)
+    missing = []
+    if pre is None:
+        missing.append(f"the intensity preprocessing (--preprocess: one of {sorted(PREPROCESSING)})")
+    if shape is None:
+        missing.append("the network input shape (--input_shape, e.g. 175,175,175)")
+    if missing:
+        raise CardError(
+            f"The model card of {source} ({card.name or 'no name'}) does not say {' or '.join(missing)}; state it "
+            "explicitly, as the weights were trained."
+        )
+    return RegistrationSettings(
+        preprocessing=pre,
+        input_shape=tuple(int(s) for s in shape),
+        axis_order=card.axis_order,
+        orientation=orientation,
+        transform_scheme=transform_scheme,
+        inverse=inverse,
+        io_iterations=io_iterations,
+        io_lr=io_lr,
+        io_seed=io_seed,
+        auto_masks=auto_masks,
+    )
+
+
+def predict_peak_memory_gb(fixed_shape: tuple[int, ...], moving_shape: tuple[int, ...],
+                           settings: RegistrationSettings) -> float:
+    """A conservative estimate of the peak memory (GiB, CPU) of one registration, from the image sizes alone.
+
+    Network: ~0.7 GiB (runtime and 70.7 M weights) plus 0.21 GiB per million network voxels for a forward pass, 0.66
+    with instance optimization (175³ peaks measured on CPU in ``bench/RESULTS.md``: 1.77 / 5.58 GiB). Original
+    grids: ~80 bytes per fixed voxel (input copies, world field, voxel DDF, det J and its derivatives, warped image,
+    file writing) and ~30 per moving voxel with the inverse (12 without), fitted to the peaks issue 13 and 17
+    measured: a 512x512x400 pair 13.4 GB (predicted 12.7 GiB = 13.6 GB), the 512x512x48 / 61 lung pair 2.95 GB
+    (predicted 3.2 GiB).
+    """
+    net_mvox = math.prod(settings.input_shape) / 1e6
+    network = 0.7 + (0.66 if settings.io_iterations else 0.21) * net_mvox
+    grids = 80.0 * math.prod(fixed_shape) + (30.0 if settings.inverse else 12.0) * math.prod(moving_shape)
+    return network + grids / 2**30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. read
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairInputs:
+    """Both images as read, checked; masks as boolean arrays on their image's grid (or None)."""
+
+    fixed: Image
+    moving: Image
+    fixed_mask: np.ndarray | None = None
+    moving_mask: np.ndarray | None = None
+    fixed_mask_source: str | None = None
+    moving_mask_source: str | None = None
+    automatic_masks: dict[str, Any] = field(default_factory=dict)
+    """``{"fixed" / "moving": LungMaskResult}`` for masks :func:`complete_masks` computed."""
+
+
+def _check_finite_and_varying(array: np.ndarray, name: str) -> None:
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"The {name} contains {bad} NaN or infinite voxel(s); fix or mask them before registering."
+            )
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise ValueError(f"The {name} is constant (every voxel is {lo}); there is nothing to register.")
+
+
+def _check_same_grid(image: Image, other: Image, what: str, of: str) -> None:
+    if image.shape != other.shape:
+        raise ValueError(
+            f"The {what} has shape {image.shape} but the {of} has shape {other.shape}; they must share a grid."
+        )
+    if not np.allclose(image.affine, other.affine, atol=1e-3, rtol=1e-5):
+        raise ValueError(
+            f"The {what} and the {of} have the same shape but different geometry (affines differ):\n"
+            f"{np.round(image.affine, 4)}\nvs\n{np.round(other.affine, 4)}"
+        )
+
+
+def _binary_mask(mask: Image, image: Image, what: str, of: str) -> np.ndarray:
+    _check_same_grid(mask, image, what, of)
+    if np.issubdtype(mask.array.dtype, np.floating) and not np.all(np.isfinite(mask.array)):
+        raise ValueError(f"The {what} contains NaN or infinite values.")
+    binary = mask.array > 0
+    if not binary.any():
+        raise ValueError(f"The {what} is empty (no voxel > 0).")
+    return binary
+
+
+def _source(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    if isinstance(obj, Image):
+        return obj.path or "in-memory image"
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        import os
+
+        return os.path.abspath(os.fspath(obj))
+    return "in-memory image"
+
+
+def read_pair(fixed: Any, moving: Any, fixed_mask: Any = None, moving_mask: Any = None) -> PairInputs:
+    """Read (paths), or take (:class:`~monai_gradicon.io.Image`, MONAI ``MetaTensor``), both images and masks and
+    check them: finite, not constant, both 2D or both 3D, masks on their image's grid and not empty."""
+    fixed_img = as_image(fixed, "fixed image")
+    moving_img = as_image(moving, "moving image")
+    if fixed_img.ndim != moving_img.ndim:
+        raise ValueError(
+            f"The fixed image is {fixed_img.ndim}D (shape {fixed_img.shape}) but the moving image is "
+            f"{moving_img.ndim}D (shape {moving_img.shape}); both must be 2D or both 3D."
+        )
+    for img, name in ((fixed_img, "fixed image"), (moving_img, "moving image")):
+        _check_finite_and_varying(img.array, name)
+    fmask = mmask = None
+    if fixed_mask is not None:
+        fmask = _binary_mask(as_image(fixed_mask, "fixed mask"), fixed_img, "fixed mask", "fixed image")
+    if moving_mask is not None:
+        mmask = _binary_mask(as_image(moving_mask, "moving mask"), moving_img, "moving mask", "moving image")
+    return PairInputs(fixed_img, moving_img, fmask, mmask, _source(fixed_mask), _source(moving_mask))
+
+
+def complete_masks(inputs: PairInputs, settings: RegistrationSettings) -> PairInputs:
+    """Give every image without a mask an automatic lung mask when the settings ask for it
+    (:attr:`RegistrationSettings.makes_masks`); the masks and their details are kept in ``inputs`` (and written next
+    to the results). A CT in which no lung can be found is an error naming the image
+    (:class:`monai_gradicon.lung_mask.LungMaskError`)."""
+    if not settings.makes_masks:
+        return inputs
+    from monai_gradicon.lung_mask import lung_mask
+
+    for name in ("fixed", "moving"):
+        if getattr(inputs, f"{name}_mask") is None:
+            result = lung_mask(getattr(inputs, name), method="threshold")
+            setattr(inputs, f"{name}_mask", result.mask)
+            setattr(inputs, f"{name}_mask_source", f"automatic lung mask ({result.method}, {result.volume_ml:.0f} mL)")
+            inputs.automatic_masks[name] = result
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. prepare
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _orientation_transform(image: Image, reference: Image) -> np.ndarray | None:
+    """The nibabel orientation transform taking ``image``'s voxel axes to ``reference``'s orientation, or ``None``
+    when they already point the same way (3D only)."""
+    from nibabel.orientations import io_orientation, ornt_transform
+
+    if image.ndim != 3:
+        return None
+    ornt = ornt_transform(io_orientation(image.affine), io_orientation(reference.affine))
+    if np.array_equal(ornt[:, 0], np.arange(3)) and np.all(ornt[:, 1] == 1):
+        return None
+    return ornt
+
+
+def _apply_orientation(image: Image, ornt: np.ndarray) -> Image:
+    from nibabel.orientations import apply_orientation, inv_ornt_aff
+
+    array = np.ascontiguousarray(apply_orientation(image.array, ornt))
+    affine = image.affine @ inv_ornt_aff(ornt, image.shape)
+    return Image(array=array, affine=affine, path=image.path)
+
+
+def _undo_orientation(field_cf: np.ndarray, reoriented: Image, original: Image) -> np.ndarray:
+    """Bring a channel-first field ``[c, *S]`` on the reoriented grid back to the original grid (vectors unchanged:
+    they are world mm)."""
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    back = ornt_transform(io_orientation(reoriented.affine), io_orientation(original.affine))
+    moved = apply_orientation(np.moveaxis(field_cf, 0, -1), back)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+
+
+@dataclass
+class PreparedPair:
+    """The pair as the network sees it, and the geometry to go back.
+
+    Attributes:
+        inputs: what :func:`read_pair` returned.
+        moving_oriented: the moving image as paired with the fixed one (reoriented for ``"physical"``).
+        reoriented: whether ``moving_oriented`` differs from the stored moving image.
+        fixed_net, moving_net: ``[1, C, *settings.file_order_shape]`` float32 network inputs, **file axis order**.
+        settings: what it was prepared with.
+    """
+
+    inputs: PairInputs
+    moving_oriented: Image
+    reoriented: bool
+    fixed_net: torch.Tensor
+    moving_net: torch.Tensor
+    settings: RegistrationSettings
+
+    @property
+    def network_input(self) -> torch.Tensor:
+        """``[1, 2C, *S]``: moving and fixed stacked on the channel axis (the :class:`~monai_gradicon.GradICONDDFNet`
+        input, file axis order)."""
+        return torch.cat([self.moving_net, self.fixed_net], dim=1)
+
+
+def _network_input(image: Image, mask: np.ndarray | None, settings: RegistrationSettings, name: str) -> torch.Tensor:
+    array = np.asarray(preprocess(np.asarray(image.array, dtype=np.float32), settings.preprocessing, mask))
+    if not np.isfinite(array).all() or array.min() == array.max():
+        raise ValueError(
+            f"After preprocessing {settings.preprocessing!r} the {name} is constant or not finite (e.g. a CT window "
+            "applied to an MR image, or an empty mask region); check the weights' modality and the masks."
+        )
+    if settings.axis_order == "reference":
+        # transpose, then resize, as the reference does (the summation order of the trilinear weights is then the
+        # reference's, bit for bit); the result is handed on in the file's axis order (an exact permutation)
+        return to_network_axes(resize_to_network(np.ascontiguousarray(np.transpose(array)), settings.input_shape),
+                               "reference")
+    return resize_to_network(array, settings.input_shape)
+
+
+def orient_pair(inputs: PairInputs, orientation: str) -> tuple[Image, np.ndarray | None, bool]:
+    """The moving image (and its mask) as paired with the fixed one: reoriented exactly to the fixed image's axis
+    orientation for ``"physical"``, as stored for ``"index"``; and whether anything changed."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}.")
+    ornt = _orientation_transform(inputs.moving, inputs.fixed) if orientation == "physical" else None
+    if ornt is None:
+        return inputs.moving, inputs.moving_mask, False
+    mask = inputs.moving_mask
+    if mask is not None:
+        from nibabel.orientations import apply_orientation
+
+        mask = np.ascontiguousarray(apply_orientation(mask, ornt))
+    return _apply_orientation(inputs.moving, ornt), mask, True
+
+
+def prepared_from_network_input(inputs: PairInputs, settings: RegistrationSettings,
+                                 network_input: torch.Tensor) -> PreparedPair:
+    """A :class:`PreparedPair` around network inputs that were already computed (``[2C, *S]`` or ``[1, 2C, *S]``,
+    moving then fixed, file axis order, as :attr:`PreparedPair.network_input`), e.g. by a bundle's preprocessing;
+    the orientation is redone (exact and cheap) for the geometry."""
+    x = network_input if network_input.ndim == len(settings.input_shape) + 2 else network_input[None]
+    c = x.shape[1] // 2
+    if tuple(x.shape[2:]) != settings.file_order_shape or x.shape[1] != 2 * c:
+        raise ValueError(f"network input of shape {tuple(x.shape)} does not fit the settings' file-order shape "
+                         f"{settings.file_order_shape}.")
+    moving, _, reoriented = orient_pair(inputs, settings.orientation)
+    return PreparedPair(inputs, moving, reoriented, x[:, c:].float(), x[:, :c].float(), settings)
+
+
+def prepare_pair(inputs: PairInputs, settings: RegistrationSettings, network: GradICONNetwork | None = None) -> PreparedPair:
+    """Orientation, preprocessing and resize (stage 2). With ``network`` given, its dimensionality and minimum size
+    are checked against the pair and the settings first."""
+    ndim = inputs.fixed.ndim
+    if len(settings.input_shape) != ndim:
+        raise ValueError(f"The network shape {settings.input_shape} is {len(settings.input_shape)}D but the images "
+                         f"are {ndim}D.")
+    if network is not None:
+        if network.spatial_dims != ndim:
+            raise ValueError(
+                f"The network is {network.spatial_dims}D but the images are {ndim}D (fixed shape "
+                f"{inputs.fixed.shape}); use {ndim}D weights."
+            )
+        if min(settings.input_shape) < network.min_size:
+            raise ValueError(
+                f"Network shape {settings.input_shape} is below the minimum of {network.min_size} voxels per axis of "
+                f"a {network.num_steps}-step network."
+            )
+    moving, mmask, reoriented = orient_pair(inputs, settings.orientation)
+    fixed_net = _network_input(inputs.fixed, inputs.fixed_mask, settings, "fixed image")
+    moving_net = _network_input(moving, mmask, settings, "moving image")
+    return PreparedPair(inputs, moving, reoriented, fixed_net, moving_net, settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. network
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NetworkTransforms:
+    """Stage 3's result: ``phi_ab`` (fixed -> moving) and ``phi_ba`` (or None), normalized coordinates of the
+    file-order network grid ``settings.file_order_shape``, in the file's axis order."""
+
+    phi_ab: CoordinateTransform
+    phi_ba: CoordinateTransform | None
+    io_history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _EvalMode:
+    """Every module in eval mode inside the block, each module's own mode restored afterwards."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def __enter__(self) -> nn.Module:
+        self.modes = {name: m.training for name, m in self.network.named_modules()}
+        self.network.eval()
+        return self.network
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, m in self.network.named_modules():
+            m.training = self.modes[name]
+
+
+def _file_order(transform: CoordinateTransform | None, settings: RegistrationSettings) -> CoordinateTransform | None:
+    """A network transform (its axis order) in the file's axis order, per ``settings.transform_scheme``:
+    ``exact`` -- the transform itself; ``grid`` -- its map sampled on the network grid, reordered exactly to the
+    file-order grid, and interpolated between the nodes (trilinear displacement, border values beyond the outer
+    nodes, added to the point itself: the reference's ITK displacement-field transform)."""
+    if transform is None:
+        return None
+    if settings.transform_scheme == "exact":
+        return file_order_transform(transform, settings.axis_order)
+    with torch.no_grad():
+        phi = map_to_file_order(transform.on_grid(settings.input_shape), settings.axis_order)
+        ident = identity_map(settings.file_order_shape, dtype=phi.dtype, device=phi.device)
+        return DisplacementTransform(phi - ident)
+
+
+def transform_from_ddf(ddf: torch.Tensor) -> CoordinateTransform:
+    """The ``grid`` transform of a MONAI voxel DDF ``[1, dim, *S]`` on a network grid (e.g. the output of
+    :class:`~monai_gradicon.GradICONDDFNet`): ``x -> x + ddf(x) / (N - 1)`` in normalized coordinates."""
+    if ddf.ndim != ddf.shape[1] + 2 or ddf.shape[0] != 1:
+        raise ValueError(f"Expected a DDF [1, dim, *S], got shape {tuple(ddf.shape)}.")
+    scale = torch.tensor([1.0 / max(n - 1, 1) for n in ddf.shape[2:]], dtype=ddf.dtype, device=ddf.device)
+    return DisplacementTransform(ddf * scale.view(1, -1, *([1] * (ddf.ndim - 2))))
+
+
+def run_network(
+    network: GradICONNetwork,
+    prepared: PreparedPair,
+    device: torch.device | str = "cpu",
+    io_objective: Callable[[nn.Module], GradICONObjective] | None = None,
+    progress: bool = False,
+) -> NetworkTransforms:
+    """Stage 3: the transforms of ``network`` for the prepared pair (weights unchanged; IO restores them)."""
+    settings = prepared.settings
+    if not isinstance(network, GradICONNetwork):
+        raise TypeError(f"network must be a GradICONNetwork, got {type(network).__name__}.")
+    if network.axis_order != settings.axis_order:
+        raise CardError(
+            f"The settings were made for axis order {settings.axis_order!r} but the network's card says "
+            f"{network.axis_order!r}."
+        )
+    start = time.perf_counter()
+    dev = torch.device(device)
+    network.to(dev)
+    moving = to_network_axes(prepared.moving_net.to(dev), settings.axis_order)
+    fixed = to_network_axes(prepared.fixed_net.to(dev), settings.axis_order)
+    history: list[dict[str, float]] = []
+    if settings.io_iterations:
+        objective = io_objective(network) if io_objective is not None else GradICONObjective(network)
+        io = instance_optimize(network, moving, fixed, settings.io_iterations, settings.io_lr, objective,
+                               settings.io_seed, progress)
+        phi_ab, phi_ba, history = io.phi_ab, (io.phi_ba if settings.inverse else None), io.history
+    else:
+        with torch.no_grad(), _EvalMode(network):
+            phi_ab = network(moving, fixed)
+            phi_ba = network(fixed, moving) if settings.inverse else None
+    return NetworkTransforms(_file_order(phi_ab, settings), _file_order(phi_ba, settings), history,
+                             time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. original grids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OriginalGridFields:
+    """Stage 4's arrays (see :class:`~monai_gradicon.pipeline.result.RegistrationResult` for the conventions)."""
+
+    displacement: np.ndarray
+    ddf: np.ndarray
+    jacobian: np.ndarray
+    warped_moving: np.ndarray
+    inverse_displacement: np.ndarray | None
+    folds_percent: float
+    log_jacobian_std: float
+    seconds: float = 0.0
+
+
+def _require_finite(array: np.ndarray, what: str) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise NonFiniteResultError(
+            f"The registration produced {bad} non-finite value(s) in the {what} ({100.0 * bad / array.size:.3g}% of "
+            "it): the transform is broken (e.g. diverging instance optimization, non-finite weights, or extreme "
+            "inputs). Nothing was written."
+        )
+
+
+def to_original_grids(
+    prepared: PreparedPair,
+    transforms: NetworkTransforms,
+    device: torch.device | str = "cpu",
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    padding_mode: str = "border",
+) -> OriginalGridFields:
+    """Stage 4: evaluate the transforms on the original grids in physical space and warp the moving image.
+
+    ``padding_mode``: moving-image values outside its field of view, ``"border"`` (repeat the edge voxels) or
+    ``"zeros"`` (as ITK resampling)."""
+    if padding_mode not in ("border", "zeros"):
+        raise ValueError(f"padding_mode must be 'border' or 'zeros', got {padding_mode!r}.")
+    start = time.perf_counter()
+    inputs, settings = prepared.inputs, prepared.settings
+    fixed_grid, moving_grid = Grid.of(inputs.fixed), Grid.of(prepared.moving_oriented)
+    shape = settings.file_order_shape
+    displacement = physical_displacement(transforms.phi_ab, fixed_grid, moving_grid, shape, device, chunk_voxels)
+    _require_finite(displacement, "displacement field")
+    warped = warp_physical(prepared.moving_oriented.array, moving_grid, displacement, fixed_grid, "bilinear",
+                           padding_mode, device, chunk_voxels)
+    inverse = None
+    if transforms.phi_ba is not None:
+        inverse = physical_displacement(transforms.phi_ba, moving_grid, fixed_grid, shape, device, chunk_voxels)
+        _require_finite(inverse, "inverse displacement field")
+        if prepared.reoriented:
+            inverse = _undo_orientation(inverse, prepared.moving_oriented, inputs.moving)
+    ddf = displacement_to_ddf(displacement, fixed_grid)
+    jac = jacobian_determinant(torch.from_numpy(ddf)[None])[0].numpy().astype(np.float32)
+    _require_finite(jac, "Jacobian determinant")
+    _require_finite(warped, "warped moving image")
+    folds = float(np.count_nonzero(jac <= 0)) * 100.0 / jac.size
+    log_std = float(log_jacobian_std(torch.from_numpy(ddf)[None])[0])
+    return OriginalGridFields(displacement, ddf, jac, warped, inverse, folds, log_std, time.perf_counter() - start)
