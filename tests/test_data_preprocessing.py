@@ -95,8 +95,10 @@ def test_registry_names_and_dictionary_transform():
         IntensityPreprocessd(["fixed_image", "moving_image"], "lung_ct", mask_keys=["fixed_label"])
     with pytest.raises(ValueError, match="Unknown preprocessing"):
         IntensityPreprocessd(["fixed_image"], "hu")
-    with pytest.raises(TypeError, match="use_masks"):
-        IntensityPreprocessd(["fixed_image"], "lung_ct", use_masks="false")
+    with pytest.raises(ValueError, match="use_masks"):
+        IntensityPreprocessd(["fixed_image"], "lung_ct", use_masks="maybe")
+    # the string a `monai.bundle run ... --use_masks false` override passes means False, not a truthy string
+    assert IntensityPreprocessd(["fixed_image"], "lung_ct", use_masks="false").use_masks is False
     # an absent mask leaves the image unmasked (masks are optional per pair); use_masks=False ignores them
     absent = IntensityPreprocessd(["fixed_image"], "lung_ct", mask_keys=["absent"])(data)
     np.testing.assert_allclose(absent["fixed_image"], [[0, 0, 0.25, 0.75, 1, 1]])

@@ -118,8 +118,9 @@ def test_bad_settings_fail_when_the_config_is_parsed():
         PrepareNetworkInputd(net, orientation="lps")
     with pytest.raises(ValueError, match="transform_scheme"):
         OriginalGridOutputsd(net, transform_scheme="spline")
-    with pytest.raises(TypeError, match="use_masks"):
-        PrepareNetworkInputd(net, use_masks="false")
+    with pytest.raises(ValueError, match="use_masks"):
+        PrepareNetworkInputd(net, use_masks="maybe")
+    assert PrepareNetworkInputd(net, use_masks="false").use_masks is False  # a command-line override's string
 
 
 def test_to_network_axes_keeps_world_coordinates():
