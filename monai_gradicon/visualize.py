@@ -103,15 +103,24 @@ def _prepare_inputs(
     return images[0], images[1], images[2], ddf_np, jac
 
 
-def _planes(spatial: Sequence[int]) -> list[tuple[int | None, int | None, tuple[int, ...]]]:
+def _planes(spatial: Sequence[int], slices: Sequence[int] | None = None) -> list[tuple[int | None, int | None,
+                                                                                      tuple[int, ...]]]:
     """
-    Central orthogonal planes as ``(normal_axis, index, in_plane_axes)``.
+    Orthogonal planes as ``(normal_axis, index, in_plane_axes)``.
 
-    3D: one plane per axis, through the central voxel ``N // 2``. 2D: a single plane ``(None, None, (0, 1))``.
+    3D: one plane per axis, through ``slices[axis]`` (default the central voxel ``N // 2``). 2D: a single plane
+    ``(None, None, (0, 1))`` (``slices`` must then be None).
     """
     if len(spatial) == 2:
+        if slices is not None:
+            raise ValueError("slices selects planes of a 3D volume; a 2D image has a single plane.")
         return [(None, None, (0, 1))]
-    return [(ax, spatial[ax] // 2, tuple(a for a in range(3) if a != ax)) for ax in range(3)]
+    if slices is None:
+        slices = [n // 2 for n in spatial]
+    index = [int(s) for s in slices]
+    if len(index) != 3 or any(not 0 <= i < n for i, n in zip(index, spatial)):
+        raise ValueError(f"slices must give one index per axis within the volume {tuple(spatial)}, got {list(slices)}.")
+    return [(ax, index[ax], tuple(a for a in range(3) if a != ax)) for ax in range(3)]
 
 
 def _slice(vol: np.ndarray, axis: int | None, index: int | None) -> np.ndarray:
@@ -196,12 +205,14 @@ def overview_figure(
     panel_size: float = 2.2,
     dpi: int = 100,
     spacing: Sequence[float] | None = None,
+    slices: Sequence[int] | None = None,
 ) -> Figure:
     """
     Overview of one registration result.
 
-    Rows: the three central orthogonal planes of a 3D volume (normal to tensor axes 0, 1, 2; slice index
-    ``N // 2``), or a single row for 2D. Columns (:data:`COLUMNS`): fixed, moving, warped (shared grey range,
+    Rows: three orthogonal planes of a 3D volume (normal to tensor axes 0, 1, 2; slice indices ``slices``, default
+    the central ``N // 2``), or a single row for 2D. Columns (:data:`COLUMNS`): fixed, moving, warped (shared grey
+    range,
     1st-99th percentile of fixed and moving), difference ``warped - fixed`` (diverging, symmetric), deformation grid
     (fixed slice with grid lines moved by the in-plane DDF components) and the Jacobian determinant (``RdBu_r``
     centred at 1 over :data:`JACOBIAN_RANGE`, folded voxels with ``det J <= 0`` in :data:`FOLD_COLOR`).
@@ -220,6 +231,8 @@ def overview_figure(
         spacing: optional voxel size along each tensor spatial axis (any unit, e.g. mm): each panel is drawn with
             pixel aspect ``spacing[row axis] / spacing[column axis]``, so anisotropic volumes keep their physical
             proportions. Default: square voxels.
+        slices: 3D only: the slice index along each tensor axis, e.g. chosen through the anatomy
+            (:func:`monai_gradicon.pipeline.qc.anatomy_slices`); default the central slices.
 
     Returns:
         a :class:`matplotlib.figure.Figure` with an Agg canvas and ``rows * 6`` axes.
@@ -227,7 +240,7 @@ def overview_figure(
     fixed_np, moving_np, warped_np, ddf_np, jac = _prepare_inputs(fixed, moving, warped, ddf, jacobian)
     spatial = fixed_np.shape
     spacing_np = _check_spacing(spacing, len(spatial))
-    planes = _planes(spatial)
+    planes = _planes(spatial, slices)
     step = grid_step if grid_step is not None else _auto_grid_step(spatial)
     if step < 1:
         raise ValueError(f"grid_step must be a positive number of voxels, got {grid_step}.")

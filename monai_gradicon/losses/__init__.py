@@ -10,11 +10,16 @@ from monai_gradicon.losses.regularizers import (
     sparse_jitter_points,
 )
 from monai_gradicon.losses.similarity import (
+    IO_SIMILARITIES,
     LNCCLoss,
+    MINDSSCLoss,
     SSDLoss,
     SquaredLNCCLoss,
     gaussian_blur,
     gaussian_kernel1d,
     local_ncc,
     masked_mean,
+    mind_ssc,
+    similarity_from_name,
+    soft_dice_loss,
 )

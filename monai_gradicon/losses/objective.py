@@ -15,7 +15,7 @@ from monai_gradicon.losses.regularizers import (
     jitter_points,
     sparse_jitter_points,
 )
-from monai_gradicon.losses.similarity import LNCCLoss
+from monai_gradicon.losses.similarity import LNCCLoss, soft_dice_loss
 from monai_gradicon.maps import identity_map, warp_image
 from monai_gradicon.networks.registration import GradICONNetwork
 
@@ -36,6 +36,8 @@ class ObjectiveOutput:
         folds: folded cells of ``Phi_BA``, summed over the batch and divided by B (the reference's ``flips``; no gradient).
         phi_ab, phi_ba: the maps on the input grid, ``[B, dim, *S]``.
         warped_moving, warped_fixed: ``A o Phi_AB`` and ``B o Phi_BA``, ``[B, C, *S]``.
+        dice: the segmentation term ``soft_dice(segA o Phi_AB, segB) + soft_dice(segB o Phi_BA, segA)`` before its
+            weight (``None`` when the objective has no segmentations); ``loss`` includes ``dice_weight * dice``.
     """
 
     loss: torch.Tensor
@@ -47,11 +49,15 @@ class ObjectiveOutput:
     phi_ba: torch.Tensor
     warped_moving: torch.Tensor
     warped_fixed: torch.Tensor
+    dice: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, float]:
-        """The scalar terms as Python floats (for logging)."""
+        """The scalar terms as Python floats (for logging); ``dice`` only when the objective has that term."""
         names = ("loss", "similarity", "regularizer", "transform_magnitude", "folds")
-        return {k: float(getattr(self, k).detach()) for k in names}
+        out = {k: float(getattr(self, k).detach()) for k in names}
+        if self.dice is not None:
+            out["dice"] = float(self.dice.detach())
+        return out
 
 
 class GradICONObjective(nn.Module):
@@ -69,6 +75,16 @@ class GradICONObjective(nn.Module):
         padding_mode: padding when warping images for the similarity: ``"border"`` (GradICON) or ``"zeros"``
             (uniGradICON).
         delta: finite-difference step of the GradICON term, in normalized units.
+        moving_mask, fixed_mask: optional loss masks, both or neither: ``[1 or B, 1, *S]`` on the input grid (the
+            network's axis order, like the images), nonzero = included. The similarity is then
+            ``sim(A o Phi_AB, B, fixed_mask) + sim(B o Phi_BA, A, moving_mask)`` -- each comparison masked on the
+            grid of its target image (uniGradICON's ``loss_function_masking``; the mean per sample over included
+            voxels, :func:`~monai_gradicon.losses.similarity.masked_mean`). The similarity must take a ``mask``.
+        dice_weight: weight of the segmentation Dice term (0: none; uniGradICON's ``dice_loss_weight``).
+        moving_segmentation, fixed_segmentation: with ``dice_weight > 0``, both: one-hot ``[1 or B, K, *S]`` float
+            tensors on the input grid, one channel per label present in both (no background). Warped linearly with
+            the maps (border padding), the term is ``soft_dice(segA o Phi_AB, segB) + soft_dice(segB o Phi_BA,
+            segA)`` (:func:`~monai_gradicon.losses.similarity.soft_dice_loss`).
     """
 
     def __init__(
@@ -79,6 +95,12 @@ class GradICONObjective(nn.Module):
         regularizer: str = "gradicon_sparse",
         padding_mode: str = "border",
         delta: float = 1e-3,
+        *,
+        moving_mask: torch.Tensor | None = None,
+        fixed_mask: torch.Tensor | None = None,
+        dice_weight: float = 0.0,
+        moving_segmentation: torch.Tensor | None = None,
+        fixed_segmentation: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if regularizer not in REGULARIZERS:
@@ -89,6 +111,30 @@ class GradICONObjective(nn.Module):
         self.regularizer = regularizer
         self.padding_mode = padding_mode
         self.delta = delta
+        if (moving_mask is None) != (fixed_mask is None):
+            raise ValueError("Loss masking needs both moving_mask and fixed_mask (each image's own), or neither.")
+        for name, mask in (("moving_mask", moving_mask), ("fixed_mask", fixed_mask)):
+            if mask is not None and (mask.ndim < 3 or mask.shape[1] != 1):
+                raise ValueError(f"{name} must be [1 or B, 1, *S], got shape {tuple(mask.shape)}.")
+        if isinstance(dice_weight, bool) or not isinstance(dice_weight, (int, float)) or not dice_weight >= 0:
+            raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight!r}.")
+        if (moving_segmentation is None) != (fixed_segmentation is None):
+            raise ValueError("The Dice term needs both moving_segmentation and fixed_segmentation, or neither.")
+        if dice_weight > 0 and moving_segmentation is None:
+            raise ValueError("dice_weight > 0 needs moving_segmentation and fixed_segmentation (one-hot [1, K, *S]).")
+        if dice_weight == 0 and moving_segmentation is not None:
+            raise ValueError("Segmentations were given but dice_weight is 0: give a positive weight or no "
+                             "segmentations.")
+        if moving_segmentation is not None and (
+                moving_segmentation.ndim < 3 or moving_segmentation.shape[1:] != fixed_segmentation.shape[1:]):
+            raise ValueError(f"moving_segmentation {tuple(moving_segmentation.shape)} and fixed_segmentation "
+                             f"{tuple(fixed_segmentation.shape)} must both be [1 or B, K, *S] with the same K labels.")
+        self.dice_weight = float(dice_weight)
+        # buffers follow .to(device); not saved with the state dict
+        self.register_buffer("moving_mask", moving_mask, persistent=False)
+        self.register_buffer("fixed_mask", fixed_mask, persistent=False)
+        self.register_buffer("moving_segmentation", moving_segmentation, persistent=False)
+        self.register_buffer("fixed_segmentation", fixed_segmentation, persistent=False)
 
     def sample_points(self, spatial_shape: tuple[int, ...], noise: torch.Tensor) -> torch.Tensor:
         """The regularizer's sample points ``[1, dim, *P]`` for a standard-normal ``noise`` ``[1, dim, *S]``."""
@@ -116,7 +162,20 @@ class GradICONObjective(nn.Module):
         phi_ba = phi_ba_t.on_grid(spatial)
         warped_moving = warp_image(moving, phi_ab, padding_mode=self.padding_mode)
         warped_fixed = warp_image(fixed, phi_ba, padding_mode=self.padding_mode)
-        similarity = self.similarity(warped_moving, fixed) + self.similarity(warped_fixed, moving)
+        if self.fixed_mask is not None:
+            self._check_grid("masks", self.fixed_mask, spatial)
+            similarity = (self.similarity(warped_moving, fixed, self.fixed_mask.to(moving.dtype))
+                          + self.similarity(warped_fixed, moving, self.moving_mask.to(moving.dtype)))
+        else:
+            similarity = self.similarity(warped_moving, fixed) + self.similarity(warped_fixed, moving)
+        dice = None
+        if self.fixed_segmentation is not None:
+            self._check_grid("segmentations", self.fixed_segmentation, spatial)
+            batch = moving.shape[0]
+            seg_a = self.moving_segmentation.to(moving.dtype).expand(batch, *self.moving_segmentation.shape[1:])
+            seg_b = self.fixed_segmentation.to(moving.dtype).expand(batch, *self.fixed_segmentation.shape[1:])
+            dice = (soft_dice_loss(warp_image(seg_a, phi_ab, padding_mode="border"), seg_b)
+                    + soft_dice_loss(warp_image(seg_b, phi_ba, padding_mode="border"), seg_a))
 
         if noise is None:
             noise = draw_noise(spatial, generator=generator, device=moving.device)
@@ -128,8 +187,11 @@ class GradICONObjective(nn.Module):
             reg = gradicon_regularizer(phi_ab_t, phi_ba_t, points, self.delta)
 
         ident = identity_map(spatial, dtype=phi_ab.dtype, device=phi_ab.device)
+        loss = self.lmbda * reg + similarity
+        if dice is not None:
+            loss = loss + self.dice_weight * dice
         return ObjectiveOutput(
-            loss=self.lmbda * reg + similarity,
+            loss=loss,
             similarity=similarity,
             regularizer=reg,
             transform_magnitude=torch.mean((ident - phi_ab) ** 2),
@@ -138,4 +200,11 @@ class GradICONObjective(nn.Module):
             phi_ba=phi_ba,
             warped_moving=warped_moving,
             warped_fixed=warped_fixed,
+            dice=dice,
         )
+
+    @staticmethod
+    def _check_grid(what: str, tensor: torch.Tensor, spatial: tuple[int, ...]) -> None:
+        if tuple(tensor.shape[2:]) != spatial:
+            raise ValueError(f"The objective's {what} are on a {tuple(tensor.shape[2:])} grid but the images are "
+                             f"{spatial} (both on the network grid, in the network's axis order).")

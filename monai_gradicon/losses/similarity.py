@@ -1,17 +1,34 @@
-"""Image similarity losses of GradICON: LNCC (as the reference computes it), squared LNCC and SSD.
+"""Image similarity losses of GradICON: LNCC (as the reference computes it), squared LNCC, SSD and MIND-SSC; a soft
+Dice loss for warped segmentations; the instance-optimization similarities by name (:func:`similarity_from_name`).
 
-All take ``pred`` (the warped moving image) and ``target`` (the fixed image), both ``[B, C, *S]`` with intensities in
-[0, 1] (the 1e-5 variance floor is in intensity² units, so the scale matters), and return a scalar loss.
+All similarities take ``pred`` (the warped moving image) and ``target`` (the fixed image), both ``[B, C, *S]`` with
+intensities in [0, 1] (the 1e-5 variance floor of LNCC is in intensity² units, so the scale matters), and an
+optional ``mask`` (broadcastable to the per-voxel loss, nonzero = included: :func:`masked_mean`), and return a
+scalar loss.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monai_gradicon.recompute import checkpoint_call, is_checkpointed
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "local_ncc", "LNCCLoss", "SquaredLNCCLoss", "SSDLoss", "masked_mean"]
+__all__ = [
+    "gaussian_kernel1d",
+    "gaussian_blur",
+    "local_ncc",
+    "LNCCLoss",
+    "SquaredLNCCLoss",
+    "SSDLoss",
+    "masked_mean",
+    "mind_ssc",
+    "MINDSSCLoss",
+    "soft_dice_loss",
+    "IO_SIMILARITIES",
+    "similarity_from_name",
+]
 
 
 def gaussian_kernel1d(sigma: float, kernel_size: int | None = None) -> torch.Tensor:
@@ -140,3 +157,124 @@ class SSDLoss(nn.Module):
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
         return masked_mean((pred - target) ** 2, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MIND-SSC
+# ----------------------------------------------------------------------------------------------------------------
+
+#: the six face neighbours of a voxel (offsets in units of the dilation)
+_SIX_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+#: the self-similarity context: the 12 pairs of face neighbours on different axes (squared distance 2)
+SSC_PAIRS = tuple(
+    (p, q) for i, p in enumerate(_SIX_NEIGHBOURS) for q in _SIX_NEIGHBOURS[i + 1:]
+    if sum((a - b) ** 2 for a, b in zip(p, q)) == 2
+)
+
+
+def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``image(x + offset)`` for every voxel ``x`` of ``shape``, from an image replicate-padded by ``pad``."""
+    return padded[(slice(None), slice(None), *[slice(pad + o, pad + o + n) for o, n in zip(offset, shape)])]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2, eps: float = 1e-12) -> torch.Tensor:
+    """The MIND-SSC descriptor (Heinrich et al., MICCAI 2013): 12 self-similarity context channels per voxel.
+
+    For each of the 12 pairs ``(p, q)`` of :data:`SSC_PAIRS` (face neighbours on different axes, offsets times
+    ``dilation`` voxels): the patch distance ``D_pq(x)`` = mean over the ``(2 radius + 1)^3`` box around ``x`` of
+    ``(I(y + p) - I(y + q))^2``; then ``D' = D - min_pairs D`` per voxel, the local variance ``V(x) = mean_pairs D'``
+    clamped to ``[1e-3, 1e3]`` times its mean over the volume (per sample), and ``MIND = exp(-D' / V)``. Images are
+    extended by replicating their border voxels (for the shifts and for the box). The channel order is that of
+    :data:`SSC_PAIRS` (the loss, a mean over channels, does not depend on it). ``eps`` only guards a constant image
+    (``V = 0`` everywhere).
+
+    Args:
+        image: ``[B, C, D, H, W]`` (3D only); each channel gets its own 12 channels.
+        radius, dilation: box radius and neighbour distance in voxels (uniGradICON's ``mind``: 2 and 2).
+
+    Returns:
+        ``[B, 12 C, D, H, W]`` in ``(0, 1]`` (1 in the most self-similar pair of each voxel).
+    """
+    if image.ndim != 5:
+        raise ValueError(f"MIND-SSC is implemented for 3D images [B, C, D, H, W], got shape {tuple(image.shape)}.")
+    if int(radius) < 0 or int(dilation) < 1:
+        raise ValueError(f"MIND-SSC needs radius >= 0 and dilation >= 1, got {radius} and {dilation}.")
+    b, c = image.shape[:2]
+    shape = tuple(image.shape[2:])
+    x = image.reshape(b * c, 1, *shape)
+    pad = int(dilation)
+    padded = F.pad(x, (pad,) * 6, mode="replicate")
+    diffs = []
+    for p, q in SSC_PAIRS:
+        op = tuple(pad * v for v in p)
+        oq = tuple(pad * v for v in q)
+        diffs.append((_shifted(padded, op, pad, shape) - _shifted(padded, oq, pad, shape)) ** 2)
+    sq = torch.cat(diffs, dim=1)  # [BC, 12, *S]
+    k = 2 * int(radius) + 1
+    if radius:
+        sq = F.avg_pool3d(F.pad(sq, (int(radius),) * 6, mode="replicate"), k, stride=1)
+    dist = sq - sq.amin(dim=1, keepdim=True)
+    var = dist.mean(dim=1, keepdim=True)
+    level = var.mean(dim=(1, 2, 3, 4), keepdim=True)
+    var = torch.maximum(torch.minimum(var, level * 1000.0), level * 0.001).clamp_min(eps)
+    mind = torch.exp(-dist / var)
+    return mind.reshape(b, c * len(SSC_PAIRS), *shape)
+
+
+class MINDSSCLoss(nn.Module):
+    """``mean((MIND(pred) - MIND(target))^2)`` over voxels and the 12 channels (:func:`mind_ssc`), masked per
+    :func:`masked_mean`: uniGradICON's ``mind`` IO similarity (radius 2, dilation 2), for 3D images. The descriptor
+    of a target that needs no gradient is computed without recording one."""
+
+    def __init__(self, radius: int = 2, dilation: int = 2) -> None:
+        super().__init__()
+        self.radius = int(radius)
+        self.dilation = int(dilation)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                             f"{tuple(target.shape)}.")
+        if target.requires_grad:
+            target_mind = mind_ssc(target, self.radius, self.dilation)
+        else:
+            with torch.no_grad():
+                target_mind = mind_ssc(target, self.radius, self.dilation)
+        return masked_mean((mind_ssc(pred, self.radius, self.dilation) - target_mind) ** 2, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``1 - mean_{b,k} (2 sum(p t) + eps) / (sum p + sum t + eps)`` for one-hot (or soft) segmentations
+    ``[B, K, *S]`` (sums over voxels; one channel per label, no background channel): uniGradICON's Dice term."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}.")
+    dims = tuple(range(2, pred.ndim))
+    intersection = (pred * target).sum(dims)
+    total = pred.sum(dims) + target.sum(dims)
+    return 1.0 - ((2.0 * intersection + eps) / (total + eps)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# by name
+# ----------------------------------------------------------------------------------------------------------------
+
+IO_SIMILARITIES = ("lncc", "lncc2", "mind")
+"""The instance-optimization similarities by name, as uniGradICON's ``--io_sim``: ``lncc`` = ``LNCCLoss(5)``,
+``lncc2`` = ``SquaredLNCCLoss(5)``, ``mind`` = ``MINDSSCLoss(radius=2, dilation=2)``."""
+
+
+def similarity_from_name(name: str) -> nn.Module:
+    """A new similarity module for a name of :data:`IO_SIMILARITIES`."""
+    if name == "lncc":
+        return LNCCLoss(sigma=5.0)
+    if name == "lncc2":
+        return SquaredLNCCLoss(sigma=5.0)
+    if name == "mind":
+        return MINDSSCLoss(radius=2, dilation=2)
+    raise ValueError(f"Unknown similarity {name!r}; choose one of {IO_SIMILARITIES}.")
