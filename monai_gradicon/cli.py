@@ -3,6 +3,8 @@
 Commands (``<command> --help`` shows each one's options):
 
 * ``register``  register a moving image to a fixed image and write the results into a new folder;
+* ``register-batch``  register every pair of a CSV / JSON list or a Learn2Reg dataset with one model, one result
+  folder per pair and a summary table (a failing pair is recorded, the others go on; exit status 1 if any failed);
 * ``warp``      apply a saved result to another image or a label map;
 * ``evaluate``  landmark error (both directions), Dice per label, folds and smoothness of a saved result;
 * ``convert-weights``  turn a released GradICON / uniGradICON weight file (or one without a model card) into a
@@ -22,32 +24,57 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fire
+import torch
 
 from monai_gradicon.io import ImageReadError, read_shape, write_nifti
 from monai_gradicon.io_utils import atomic_write_text
-from monai_gradicon.model_card import AXIS_ORDERS, CardError
+from monai_gradicon.model_card import AXIS_ORDERS, CardError, ModelCard
+from monai_gradicon.networks.registration import GradICONNetwork
+from monai_gradicon.field_optimization import SIMILARITIES as FIELD_SIMILARITIES
+from monai_gradicon.losses.similarity import IO_SIMILARITIES
 from monai_gradicon.pipeline import (
+    IO_METHODS,
+    METHODS,
     ORIENTATIONS,
+    PREALIGNMENTS,
     TRANSFORM_SCHEMES,
     NonFiniteResultError,
+    RegistrationResult,
+    RegistrationSettings,
     check_result_folder,
+    default_optimize_shape,
     predict_peak_memory_gb,
     register as register_images,
     resolve_device,
     resolve_settings,
+    stage_name,
 )
+from monai_gradicon.pipeline.batch import (
+    SUMMARY_FILES,
+    BatchFailuresError,
+    check_batch_memory,
+    learn2reg_batch_pairs,
+    plan_batch,
+    read_pair_list,
+    run_batch,
+)
+from monai_gradicon.pipeline.io_options import io_network_inputs, io_objective_factory
+from monai_gradicon.pipeline.learn2reg import LEARN2REG_SPLITS
+from monai_gradicon.pipeline.result import INVERSE_OUTPUTS, OUTPUT_CHOICES, check_outputs
 from monai_gradicon.pipeline.saved import LANDMARK_FRAMES, apply_saved_transform, evaluate_saved
 from monai_gradicon.data.preprocessing import PREPROCESSING
 from monai_gradicon.weights import WeightFileError, convert_weights as convert_weight_file, load_weights, parse_shape
 
-__all__ = ["main", "register", "warp", "evaluate", "convert_weights", "COMMANDS", "BUNDLES_DIR", "MODALITY_BUNDLES"]
+__all__ = ["main", "register", "register_batch", "warp", "evaluate", "convert_weights", "COMMANDS", "BUNDLES_DIR",
+           "MODALITY_BUNDLES"]
 
 _USER_ERRORS = (
-    ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+    ImportError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
     ImageReadError, WeightFileError, MemoryError,
 )
 
@@ -74,9 +101,6 @@ def _path(value: Any, name: str, required: bool = True) -> str | None:
     if not text.strip():
         raise ValueError(f"--{name} is empty; give a path.")
     return text
-
-
-OUTPUT_CHOICES = ("warped", "ddf", "displacement", "inverse_displacement", "jacobian", "overview")
 
 
 def _outputs(value: Any) -> list[str] | None:
@@ -119,6 +143,12 @@ def _positive(value: Any, name: str) -> float:
     return float(value)
 
 
+def _non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
 def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {value!r}.")
@@ -153,22 +183,295 @@ def _resolve_weights(weights: str | None, modality: str | None) -> tuple[str, bo
     return str(path), True
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# what register and register-batch share: the checked options, the model, one pair's registration + result folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """The flags ``register`` and ``register-batch`` share, checked (meanings: ``register``'s docstring).
+
+    ``weights`` is the resolved weight file (``default_weights``: the modality's bundle default; None with
+    ``method`` optimize); ``input_shape`` an int (every axis), a tuple (network axis order; for optimize the working
+    grid in the file's axis order) or None (from the card; for optimize the fixed image's shape capped at 175);
+    ``preprocess`` for optimize defaults by modality (ct: unigradicon_ct, mri: unigradicon_mri); ``outputs`` the
+    chosen file keys or None (all); ``inverse`` False also when ``outputs`` leaves the inverse out;
+    ``memory_limit_gb`` the limit in GiB (default the machine's total memory; None when that is unknown)."""
+
+    weights: str | None
+    default_weights: bool
+    modality: str | None
+    preprocess: str | None
+    input_shape: int | tuple[int, ...] | None
+    orientation: str
+    transform_scheme: str
+    padding_mode: str
+    auto_masks: bool
+    prealign: str
+    prealign_similarity: str
+    io_iterations: int
+    io_lr: float | None
+    io_method: str
+    io_sim: str
+    io_mask_loss: bool
+    io_dice_weight: float
+    method: str
+    opt_lambda: float
+    opt_levels: int | None
+    opt_iterations: int | tuple[int, ...] | None
+    opt_lr: float | None
+    opt_similarity: str
+    seed: int
+    inverse: bool
+    overview: bool
+    overwrite: bool
+    progress: bool
+    outputs: list[str] | None
+    memory_limit_gb: float | None
+    device: torch.device
+
+
+def _iterations(value: Any, name: str) -> int | tuple[int, ...] | None:
+    """``--opt_iterations 60`` (every level) or ``--opt_iterations 100,50,25`` (per level, coarse to fine)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        try:
+            values = tuple(int(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--{name} must be whole numbers like 100,50,25, got {value!r}.") from exc
+        if any(v < 1 for v in values) or not values:
+            raise ValueError(f"--{name} needs at least one step per level, got {value!r}.")
+        return values
+    return _whole(value, name, minimum=1)
+
+
+def _run_options(
+    *, modality: Any, weights: Any, io_iterations: Any, io_lr: Any, preprocess: Any, input_shape: Any,
+    orientation: Any, transform_scheme: Any, padding_mode: Any, auto_masks: Any, prealign: Any,
+    prealign_similarity: Any, memory_limit_gb: Any, outputs: Any, device: Any, inverse: Any, overview: Any,
+    overwrite: Any, seed: Any, progress: Any, method: Any, io_method: Any, io_sim: Any, io_mask_loss: Any,
+    io_dice_weight: Any, opt_lambda: Any, opt_levels: Any, opt_iterations: Any, opt_lr: Any, opt_similarity: Any,
+) -> _RunOptions:
+    """Check the shared flags (names, types, values, how they combine; the weight file exists) before any work."""
+    if modality is not None:
+        _choice(modality, "modality", tuple(MODALITY_BUNDLES))
+    _choice(method, "method", METHODS)
+    _choice(io_method, "io_method", IO_METHODS)
+    _choice(io_sim, "io_sim", IO_SIMILARITIES)
+    _choice(opt_similarity, "opt_similarity", FIELD_SIMILARITIES)
+    _switch(io_mask_loss, "io_mask_loss")
+    if method == "optimize":
+        if io_iterations is not None:
+            raise ValueError("--io_iterations fine-tunes a network; --method optimize has none: its steps are "
+                             "--opt_iterations.")
+        if weights is not None:
+            raise ValueError("--method optimize uses no network: leave out --weights.")
+        io_iterations = 0
+    io_iterations = _whole(50 if io_iterations is None else io_iterations, "io_iterations")
+    io_lr = None if io_lr is None else _positive(io_lr, "io_lr")
+    io_dice_weight = _non_negative(io_dice_weight, "io_dice_weight")
+    custom_io = [f for f, on in (("--io_sim", io_sim != "lncc"), ("--io_mask_loss", io_mask_loss),
+                                 ("--io_dice_weight", io_dice_weight > 0)) if on]
+    if custom_io and (io_iterations == 0 or io_method != "weights"):
+        raise ValueError(f"{', '.join(custom_io)} set(s) the objective of the network weights' instance "
+                         "optimization (--io_iterations > 0 with --io_method weights); "
+                         + ("--method optimize and --io_method fields take --opt_similarity / --opt_lambda."
+                            if io_iterations else "there is none here (--io_iterations 0)."))
+    if custom_io and prealign != "none":
+        raise ValueError(f"{', '.join(custom_io)} cannot be combined with --prealign yet (the masks and label maps "
+                         "are brought to the network grid without the pre-alignment); use one or the other.")
+    opt_lambda = _non_negative(opt_lambda, "opt_lambda")
+    opt_levels = None if opt_levels is None else _whole(opt_levels, "opt_levels", minimum=1)
+    opt_iterations = _iterations(opt_iterations, "opt_iterations")
+    opt_lr = None if opt_lr is None else _positive(opt_lr, "opt_lr")
+    seed = _whole(seed, "seed")
+    if preprocess is not None:
+        _choice(preprocess, "preprocess", tuple(PREPROCESSING))
+    elif method == "optimize":
+        preprocess = {"ct": "unigradicon_ct", "mri": "unigradicon_mri"}[modality or "ct"]
+    _choice(orientation, "orientation", ORIENTATIONS)
+    _choice(transform_scheme, "transform_scheme", TRANSFORM_SCHEMES)
+    _choice(padding_mode, "padding_mode", ("border", "zeros"))
+    _choice(prealign, "prealign", tuple(PREALIGNMENTS))
+    _choice(prealign_similarity, "prealign_similarity", ("mi", "lncc"))
+    for value, name in ((inverse, "inverse"), (overview, "overview"), (overwrite, "overwrite"), (progress, "progress"),
+                        (auto_masks, "auto_masks")):
+        _switch(value, name)
+    chosen = _outputs(outputs)
+    if chosen is not None and not any(k in INVERSE_OUTPUTS for k in chosen):
+        inverse = False
+    check_outputs(chosen, inverse)  # unknown names, an inverse output with --noinverse, h5py present
+    dev = resolve_device(device)
+    shape_arg = input_shape if isinstance(input_shape, int) and not isinstance(input_shape, bool) else \
+        parse_shape(input_shape, "--input_shape")
+    limit = _positive(memory_limit_gb, "memory_limit_gb") if memory_limit_gb is not None else _total_memory_gb()
+    if method == "optimize":
+        weights_p, is_default = None, False
+    else:
+        weights_p, is_default = _resolve_weights(_path(weights, "weights", False), modality)
+    return _RunOptions(
+        weights=weights_p, default_weights=is_default, modality=modality, preprocess=preprocess,
+        input_shape=shape_arg, orientation=orientation, transform_scheme=transform_scheme, padding_mode=padding_mode,
+        auto_masks=auto_masks, prealign=prealign, prealign_similarity=prealign_similarity,
+        io_iterations=io_iterations, io_lr=io_lr, io_method=io_method, io_sim=io_sim, io_mask_loss=io_mask_loss,
+        io_dice_weight=io_dice_weight, method=method, opt_lambda=opt_lambda, opt_levels=opt_levels,
+        opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity, seed=seed, inverse=inverse,
+        overview=overview, overwrite=overwrite, progress=progress, outputs=chosen, memory_limit_gb=limit, device=dev,
+    )
+
+
+def _settings(opts: _RunOptions, card: ModelCard | None, dim: int, fixed_shape: tuple[int, ...]) -> RegistrationSettings:
+    """The registration settings from the card (None for --method optimize) and the flags, for a pair whose fixed
+    image has ``fixed_shape`` (voxels; sizes the optimize method's default working grid)."""
+    shape = opts.input_shape
+    if isinstance(shape, int):
+        shape = (shape,) * dim
+    if opts.method == "optimize" and shape is None:
+        shape = default_optimize_shape(fixed_shape)
+    return resolve_settings(
+        card, preprocessing=opts.preprocess, input_shape=shape, orientation=opts.orientation,
+        transform_scheme=opts.transform_scheme, inverse=opts.inverse, io_iterations=opts.io_iterations,
+        io_lr=opts.io_lr, io_seed=opts.seed, auto_masks=opts.auto_masks, prealign=opts.prealign,
+        prealign_similarity=opts.prealign_similarity, method=opts.method, io_method=opts.io_method,
+        opt_lambda=opts.opt_lambda, opt_levels=opts.opt_levels, opt_iterations=opts.opt_iterations,
+        opt_lr=opts.opt_lr, opt_similarity=opts.opt_similarity, source=opts.weights or "--method optimize",
+    )
+
+
+def _load_model(opts: _RunOptions, fixed_shape: tuple[int, ...]) -> tuple[
+        GradICONNetwork | None, ModelCard | None, RegistrationSettings]:
+    """Load the weights once (card checked against --modality; nothing for --method optimize), resolve the settings
+    from the card and the flags (for a pair whose fixed image has ``fixed_shape``, voxels), and move the network to
+    the device once."""
+    if opts.method == "optimize":
+        return None, None, _settings(opts, None, len(fixed_shape), fixed_shape)
+    assert opts.weights is not None
+    network, card = load_weights(opts.weights)
+    if opts.modality is not None and card.modality is not None and card.modality != opts.modality:
+        raise CardError(f"--modality {opts.modality} but the model card of {opts.weights} says modality "
+                        f"{card.modality!r}.")
+    if opts.default_weights:
+        _say(f"Using the default weights for --modality {opts.modality or 'ct'}: {opts.weights}")
+    settings = _settings(opts, card, network.spatial_dims, fixed_shape)
+    network.to(opts.device)
+    return network, card, settings
+
+
+def _pair_settings(settings: RegistrationSettings, opts: _RunOptions, fixed_shape: tuple[int, ...]) -> RegistrationSettings:
+    """A pair's settings: the batch's, except the optimize method's default working grid, sized from the pair's
+    fixed image (``fixed_shape``, voxels)."""
+    if opts.method == "optimize" and opts.input_shape is None:
+        return _settings(opts, None, len(fixed_shape), fixed_shape)
+    return settings
+
+
+def _network_line(network: GradICONNetwork | None, card: ModelCard | None, settings: RegistrationSettings,
+                  opts: _RunOptions) -> str:
+    if network is None:
+        field = settings.to_dict()["field_optimization"]
+        return (f"No network (--method optimize): GradICON field optimization on the working grid "
+                f"{settings.input_shape}{' (per pair: the fixed shape capped at 175)' if opts.input_shape is None else ''}"
+                f"; preprocessing {settings.preprocessing}; {field['levels']} levels, {field['iterations']} steps, "
+                f"lambda {field['lambda']}, similarity {field['similarity']}, lr {field['lr']}; device {opts.device}")
+    io = (f"instance optimization {opts.io_iterations} steps on the {settings.io_method} (lr {settings.io_lr:g}"
+          + (f", {opts.io_sim}" if settings.io_method == "weights" else "") + ")") if opts.io_iterations else \
+        "no instance optimization"
+    return (f"Network: {network.num_steps} steps, {network.spatial_dims}D, shape {settings.input_shape} in the "
+            f"{settings.axis_order} axis order; preprocessing {settings.preprocessing}; orientation "
+            f"{opts.orientation}; transform {opts.transform_scheme}; {io}; device {opts.device} "
+            f"({card.name or 'weights'})")
+
+
+def _lung_mask_note(settings: RegistrationSettings) -> str | None:
+    """What happens to images given without a mask, for weights trained on lung-masked CT (else None)."""
+    if settings.preprocessing != "lung_ct":
+        return None
+    return "The GradICON lung model was trained on lung-masked CT: " + (
+        "computing automatic lung masks for the images given without one (written next to the results)."
+        if settings.makes_masks else "--noauto_masks: the unmasked CT is outside what the weights saw.")
+
+
+def _io_objective(opts: _RunOptions, settings: RegistrationSettings, fixed: str, moving: str,
+                  fixed_mask: str | None, moving_mask: str | None, fixed_segmentation: str | None,
+                  moving_segmentation: str | None):
+    """The weights IO's objective factory for --io_sim / --io_mask_loss / --io_dice_weight, or None (GradICON's
+    default objective)."""
+    if not (opts.io_sim != "lncc" or opts.io_mask_loss or opts.io_dice_weight > 0):
+        return None
+    extra = None
+    if opts.io_mask_loss or opts.io_dice_weight > 0:
+        if opts.io_mask_loss and (fixed_mask is None or moving_mask is None):
+            raise ValueError("--io_mask_loss needs both --fixed_mask and --moving_mask.")
+        extra = io_network_inputs(
+            fixed, moving, settings,
+            fixed_mask=fixed_mask if opts.io_mask_loss else None, moving_mask=moving_mask if opts.io_mask_loss else None,
+            fixed_segmentation=fixed_segmentation if opts.io_dice_weight > 0 else None,
+            moving_segmentation=moving_segmentation if opts.io_dice_weight > 0 else None,
+        )
+    return io_objective_factory(opts.io_sim, network_inputs=extra, loss_masking=opts.io_mask_loss,
+                                dice_weight=opts.io_dice_weight, padding_mode="border")
+
+
+def _register_and_save(
+    network: GradICONNetwork | None, settings: RegistrationSettings, opts: _RunOptions, output_dir: str, fixed: str,
+    moving: str, fixed_mask: str | None, moving_mask: str | None, fixed_segmentation: str | None = None,
+    moving_segmentation: str | None = None,
+) -> tuple[RegistrationResult, dict[str, str]]:
+    """One pair through the pipeline (the network already on ``opts.device``; None for --method optimize) and its
+    result folder, written as a whole; returns the result (``timings["write"]`` added, seconds) and
+    ``{file name: path}``."""
+    settings = _pair_settings(settings, opts, read_shape(fixed, "fixed image"))
+    objective = _io_objective(opts, settings, fixed, moving, fixed_mask, moving_mask, fixed_segmentation,
+                              moving_segmentation)
+    result = register_images(fixed, moving, network, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                             settings=settings, padding_mode=opts.padding_mode, device=str(opts.device),
+                             progress=opts.progress, io_objective=objective)
+    result.extra.update({"weights": None if opts.weights is None else os.path.abspath(opts.weights),
+                         "default_weights": opts.default_weights})
+    if objective is not None:
+        result.extra["io_objective"] = {"similarity": opts.io_sim, "loss_masking": opts.io_mask_loss,
+                                        "dice_weight": opts.io_dice_weight}
+    t = time.perf_counter()
+    paths = result.save(output_dir, overwrite=opts.overwrite, protect=[p for p in (opts.weights,) if p],
+                        overview=opts.overview, outputs=opts.outputs)
+    result.timings["write"] = time.perf_counter() - t
+    return result, paths
+
+
 def register(
     fixed: str | None = None,
     moving: str | None = None,
     output_dir: str | None = None,
     fixed_mask: str | None = None,
     moving_mask: str | None = None,
+    fixed_segmentation: str | None = None,
+    moving_segmentation: str | None = None,
     modality: str | None = None,
     weights: str | None = None,
-    io_iterations: int = 50,
-    io_lr: float = 2e-5,
+    method: str = "network",
+    io_iterations: int | None = None,
+    io_lr: float | None = None,
+    io_method: str = "weights",
+    io_sim: str = "lncc",
+    io_mask_loss: bool = False,
+    io_dice_weight: float = 0.0,
+    opt_lambda: float = 1.5,
+    opt_levels: int | None = None,
+    opt_iterations: Any = None,
+    opt_lr: float | None = None,
+    opt_similarity: str = "lncc",
     preprocess: str | None = None,
     input_shape: Any = None,
     orientation: str = "physical",
     transform_scheme: str = "grid",
     padding_mode: str = "border",
     auto_masks: bool = True,
+    prealign: str = "none",
+    prealign_similarity: str = "mi",
     memory_limit_gb: float | None = None,
     outputs: Any = None,
     device: str = "auto",
@@ -189,6 +492,9 @@ def register(
                                     moving image resampled onto the fixed grid by world coordinates)
       jacobian_determinant.nii.gz   det J of the fixed -> moving map (<= 0: folded)
       inverse_displacement_mm.nii.gz  the moving -> fixed transform on the moving grid (unless --noinverse)
+      transform_fixed_to_moving.h5  ITK composite transform [affine, displacement field] (fixed -> moving points)
+      transform_moving_to_fixed.h5  its inverse direction (unless --noinverse)
+      affine_fixed_to_moving.tfm    with --prealign: the affine pre-alignment alone (ITK text, LPS)
       overview.png                  slices of fixed, moving, warped, difference, deformation grid and det J
       summary.json                  timings, folds, settings, the weights' model card and the conventions above
 
@@ -203,10 +509,31 @@ def register(
         moving_mask: optional mask on the moving grid.
         modality: ct or mri: which bundle's models/model.pt is the default weight file (ct: bundles/gradicon_lung,
             mri: bundles/gradicon_brain); with --weights it must agree with the weights' card.
+        fixed_segmentation, moving_segmentation: label maps on the images' grids for --io_dice_weight (a soft Dice
+            term on the labels both share, in the weights' instance optimization).
         weights: a weight file of this project or a released GradICON/uniGradICON file (recognised by its keys).
-        io_iterations: instance-optimization steps (Adam on all weights, the network is restored afterwards);
-            0 for a single forward pass.
-        io_lr: instance-optimization learning rate.
+        method: network (default: the weights, then instance optimization) or optimize (no network and no weights:
+            GradICON's objective, LNCC both ways + lambda GradICON, optimized over the two transforms directly,
+            coarse to fine on a working grid -- the fixed image's shape capped at 175 voxels per axis, or
+            --input_shape in the file's axis order; --preprocess defaults to unigradicon_ct / unigradicon_mri by
+            --modality; about a minute at 96^3 and several at 175^3 on 2 CPU cores).
+        io_iterations: instance-optimization steps after the network (default 50; 0 for a single forward pass).
+        io_lr: instance-optimization learning rate (default: 2e-5 for --io_method weights, 0.05 voxels per step
+            for fields).
+        io_method: weights (default, the paper's: Adam on all network weights, restored afterwards) or fields (the
+            network's two transforms optimized directly, the weights untouched; ~15x less time per step on CPU).
+        io_sim: similarity of the weights' instance optimization: lncc (default, GradICON's), lncc2 (squared LNCC,
+            uniGradICON's) or mind (MIND-SSC, for different contrasts).
+        io_mask_loss: compare images only inside --fixed_mask / --moving_mask during the weights' instance
+            optimization (each comparison masked on its target's grid).
+        io_dice_weight: weight of a soft Dice term on --fixed_segmentation / --moving_segmentation in the weights'
+            instance optimization (0: none).
+        opt_lambda: GradICON weight of --method optimize and --io_method fields (default 1.5, the released models').
+        opt_levels: pyramid levels of --method optimize (default 3) or --io_method fields (default 1).
+        opt_iterations: Adam steps per level of --method optimize, one number or one per level coarse to fine
+            (default 100,50,25).
+        opt_lr: learning rate of --method optimize, voxels of the level per step (default 0.1).
+        opt_similarity: lncc (default), lncc2 or ssd, for --method optimize and --io_method fields.
         preprocess: intensity preprocessing, only where the card does not state it (unigradicon_ct,
             unigradicon_mri, lung_ct, brain, none).
         input_shape: network shape, e.g. 175,175,175 (network axis order), only where the card does not state it.
@@ -218,9 +545,17 @@ def register(
         auto_masks: with weights for lung-masked CT (preprocessing lung_ct), compute a lung mask for an image given
             without --fixed_mask / --moving_mask (HU threshold, body, airways, components, hole filling; written as
             fixed_lung_mask.nii.gz / moving_lung_mask.nii.gz next to the results); --noauto_masks feeds unmasked CT.
-        outputs: which files to write, e.g. displacement,warped (default all: warped, ddf, displacement,
-            inverse_displacement, jacobian, overview; summary.json and computed lung masks always); leaving out
-            inverse_displacement also skips computing the inverse.
+        prealign: none (default), rigid or affine: an affine pre-alignment (moments initialisation, rotation
+            search, multi-resolution optimisation) before the network, for pairs the network's capture range does
+            not cover (different scanners, positioning, a large shift); composed exactly with the deformable
+            transform in every output, and written as affine_fixed_to_moving.tfm (ITK, LPS).
+        prealign_similarity: mi (mutual information, any modality; default) or lncc for the pre-alignment.
+        outputs: which files to write, comma-separated: warped, ddf, displacement, inverse_displacement, transform
+            (transform_fixed_to_moving.h5: ITK composite [affine, displacement field], the moving image's resampling
+            transform for ITK / SimpleITK / ANTs / Slicer), inverse_transform (transform_moving_to_fixed.h5),
+            jacobian, overview; default all (the inverse ones unless --noinverse). summary.json,
+            affine_fixed_to_moving.tfm (with --prealign) and computed lung masks are always written. Leaving out
+            both inverse_displacement and inverse_transform skips computing the inverse.
         memory_limit_gb: refuse, before any work, a registration whose predicted peak memory (from the image sizes)
             exceeds this many GiB; default: the machine's total memory.
         device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
@@ -236,41 +571,28 @@ def register(
     out_dir = _path(output_dir, "output_dir")
     fmask_p = _existing_file(_path(fixed_mask, "fixed_mask", False), "fixed mask")
     mmask_p = _existing_file(_path(moving_mask, "moving_mask", False), "moving mask")
-    if modality is not None:
-        _choice(modality, "modality", tuple(MODALITY_BUNDLES))
-    io_iterations = _whole(0 if io_iterations is None else io_iterations, "io_iterations")
-    io_lr = _positive(io_lr, "io_lr")
-    seed = _whole(seed, "seed")
-    if preprocess is not None:
-        _choice(preprocess, "preprocess", tuple(PREPROCESSING))
-    _choice(orientation, "orientation", ORIENTATIONS)
-    _choice(transform_scheme, "transform_scheme", TRANSFORM_SCHEMES)
-    _choice(padding_mode, "padding_mode", ("border", "zeros"))
-    for value, name in ((inverse, "inverse"), (overview, "overview"), (overwrite, "overwrite"), (progress, "progress"),
-                        (auto_masks, "auto_masks")):
-        _switch(value, name)
-    chosen = _outputs(outputs)
-    if chosen is not None and "inverse_displacement" not in chosen:
-        inverse = False
-    dev = resolve_device(device)
-    shape_arg = input_shape if isinstance(input_shape, int) and not isinstance(input_shape, bool) else \
-        parse_shape(input_shape, "--input_shape")
-    weights_p, is_default = _resolve_weights(_path(weights, "weights", False), modality)
-    inputs = [p for p in (fixed_p, moving_p, fmask_p, mmask_p) if p]
-    check_result_folder(out_dir, inputs + [weights_p], overwrite)  # fail early, before the slow part
+    fseg_p = _existing_file(_path(fixed_segmentation, "fixed_segmentation", False), "fixed segmentation")
+    mseg_p = _existing_file(_path(moving_segmentation, "moving_segmentation", False), "moving segmentation")
+    opts = _run_options(
+        modality=modality, weights=weights, io_iterations=io_iterations, io_lr=io_lr, preprocess=preprocess,
+        input_shape=input_shape, orientation=orientation, transform_scheme=transform_scheme, padding_mode=padding_mode,
+        auto_masks=auto_masks, prealign=prealign, prealign_similarity=prealign_similarity,
+        memory_limit_gb=memory_limit_gb, outputs=outputs, device=device, inverse=inverse, overview=overview,
+        overwrite=overwrite, seed=seed, progress=progress, method=method, io_method=io_method, io_sim=io_sim,
+        io_mask_loss=io_mask_loss, io_dice_weight=io_dice_weight, opt_lambda=opt_lambda, opt_levels=opt_levels,
+        opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity,
+    )
+    if (fseg_p is None) != (mseg_p is None) or (fseg_p is not None) != (opts.io_dice_weight > 0):
+        raise ValueError("--io_dice_weight > 0 needs both --fixed_segmentation and --moving_segmentation, and the "
+                         "segmentations are used only by it.")
+    if opts.io_mask_loss and (fmask_p is None or mmask_p is None):
+        raise ValueError("--io_mask_loss needs both --fixed_mask and --moving_mask.")
+    inputs = [p for p in (fixed_p, moving_p, fmask_p, mmask_p, fseg_p, mseg_p, opts.weights) if p]
+    check_result_folder(out_dir, inputs, opts.overwrite)  # fail early, before the slow part
 
-    network, card = load_weights(weights_p)
-    if modality is not None and card.modality is not None and card.modality != modality:
-        raise CardError(f"--modality {modality} but the model card of {weights_p} says modality {card.modality!r}.")
-    if isinstance(shape_arg, int):
-        shape_arg = (shape_arg,) * network.spatial_dims
-    if is_default:
-        _say(f"Using the default weights for --modality {modality or 'ct'}: {weights_p}")
-    settings = resolve_settings(card, preprocessing=preprocess, input_shape=shape_arg, orientation=orientation,
-                                transform_scheme=transform_scheme, inverse=inverse, io_iterations=io_iterations,
-                                io_lr=io_lr, io_seed=seed, auto_masks=auto_masks, source=weights_p)
-    limit = _positive(memory_limit_gb, "memory_limit_gb") if memory_limit_gb is not None else _total_memory_gb()
+    limit = opts.memory_limit_gb
     fixed_shape, moving_shape = read_shape(fixed_p, "fixed image"), read_shape(moving_p, "moving image")
+    network, card, settings = _load_model(opts, fixed_shape)
     predicted = predict_peak_memory_gb(fixed_shape, moving_shape, settings)
     if limit is not None and predicted > limit:
         raise MemoryError(
@@ -279,26 +601,18 @@ def register(
             "machine has that much memory, or crop / downsample the images."
         )
     _say(f"Predicted peak memory {predicted:.1f} GiB" + (f" (limit {limit:.1f} GiB)." if limit else "."))
-    _say(
-        f"Network: {network.num_steps} steps, {network.spatial_dims}D, shape {settings.input_shape} in the "
-        f"{settings.axis_order} axis order; preprocessing {settings.preprocessing}; orientation {orientation}; "
-        f"transform {transform_scheme}; instance optimization {io_iterations} steps; device {dev} "
-        f"({card.name or 'weights'})"
-    )
-    if settings.preprocessing == "lung_ct" and (fmask_p is None or mmask_p is None):
-        _say("The GradICON lung model was trained on lung-masked CT: " + (
-            "computing automatic lung masks for the images given without one (written next to the results)."
-            if settings.makes_masks else "--noauto_masks: the unmasked CT is outside what the weights saw."))
-    result = register_images(fixed_p, moving_p, network, fixed_mask=fmask_p, moving_mask=mmask_p, settings=settings,
-                             padding_mode=padding_mode, device=str(dev), progress=progress)
-    result.extra.update({"weights": os.path.abspath(weights_p), "default_weights": is_default})
-    t = time.perf_counter()
-    paths = result.save(out_dir, overwrite=overwrite, protect=[weights_p], overview=overview, outputs=chosen)
-    result.timings["write"] = time.perf_counter() - t
+    _say(_network_line(network, card, settings, opts))
+    note = _lung_mask_note(settings)
+    if note is not None and (fmask_p is None or mmask_p is None):
+        _say(note)
+    result, paths = _register_and_save(network, settings, opts, out_dir, fixed_p, moving_p, fmask_p, mmask_p,
+                                       fseg_p, mseg_p)
     tm = result.timings
-    stage = "instance_optimization" if "instance_optimization" in tm else "network"
+    stage = stage_name(result.settings)
     _say(
-        f"Done in {time.perf_counter() - start:.1f} s ({stage} {tm[stage]:.1f} s, original grids "
+        f"Done in {time.perf_counter() - start:.1f} s ("
+        + (f"{settings.prealign} pre-alignment {tm['prealign']:.1f} s, " if "prealign" in tm else "")
+        + f"{stage} {tm[stage]:.1f} s, original grids "
         f"{tm['original_grids']:.1f} s, writing {tm['write']:.1f} s). Folds (det J <= 0): "
         f"{result.folds_percent:.4f}% of fixed voxels; std log det J {result.log_jacobian_std:.4f}.\n"
         f"Results in {os.path.abspath(out_dir)}: " + ", ".join(os.path.basename(p) for p in paths.values())
@@ -311,6 +625,7 @@ def warp(
     output: str | None = None,
     labels: bool = False,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> None:
     """Apply a saved registration (a folder written by register) to IMAGE and write OUTPUT on the fixed grid.
 
@@ -324,13 +639,15 @@ def warp(
         output: output NIfTI path (.nii or .nii.gz); never one of the inputs, never inside TRANSFORM_DIR.
         labels: warp a label map (nearest neighbour).
         overwrite: replace an existing OUTPUT file.
+        device: where the resampling is computed: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
     """
     tdir, img_p, out_p = _path(transform_dir, "transform_dir"), _path(image, "image"), _path(output, "output")
     _switch(labels, "labels")
     _switch(overwrite, "overwrite")
+    dev = resolve_device(device)
     _existing_file(img_p, "image to warp")
     _check_output_file(out_p, [img_p], overwrite, inside_forbidden=[tdir], suffixes=(".nii", ".nii.gz"))
-    array, affine = apply_saved_transform(tdir, img_p, labels=labels)
+    array, affine = apply_saved_transform(tdir, img_p, labels=labels, device=dev)
     write_nifti(out_p, array, affine)
     _say(f"Wrote {out_p} ({'labels, nearest neighbour' if labels else 'linear'}; shape {array.shape}, {array.dtype}).")
 
@@ -368,6 +685,7 @@ def evaluate(
     moving_labels: str | None = None,
     output: str | None = None,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> None:
     """Metrics of a saved registration: folds, std log det J, landmark error (mm, both directions) and Dice.
 
@@ -388,6 +706,8 @@ def evaluate(
         output: optional JSON file for all metrics (per-landmark errors included); never an input, never inside
             TRANSFORM_DIR.
         overwrite: replace an existing OUTPUT.
+        device: where det J and the label warping are computed: auto (cuda if available, else cpu), cpu, cuda or
+            cuda:N.
     """
     tdir = _path(transform_dir, "transform_dir")
     out_p = _path(output, "output", False)
@@ -401,9 +721,10 @@ def evaluate(
     if isinstance(index_base, bool) or index_base not in (0, 1):
         raise ValueError(f"--index_base must be 0 or 1, got {index_base!r}.")
     _switch(overwrite, "overwrite")
+    dev = resolve_device(device)
     if out_p is not None:
         _check_output_file(out_p, list(files.values()), overwrite, inside_forbidden=[tdir], suffixes=(".json",))
-    result = evaluate_saved(tdir, landmarks_in=landmarks_in, index_base=index_base, **files)
+    result = evaluate_saved(tdir, landmarks_in=landmarks_in, index_base=index_base, device=dev, **files)
     lines = [f"folds (det J <= 0): {result['folds_percent']:.4f}%   std log det J: {result['log_jacobian_std']:.4f}"]
     for key, label in (("tre_before_mm", "before registration"), ("tre_fixed_to_moving", "fixed -> moving"),
                        ("tre_moving_to_fixed", "moving -> fixed")):
@@ -473,8 +794,162 @@ def convert_weights(
          + (f", from {card.source_file} (sha256 {card.source_sha256[:12]}...)" if card.source_sha256 else "") + ".")
 
 
+def register_batch(
+    pairs: str | None = None,
+    dataset_json: str | None = None,
+    split: str | None = None,
+    data_root: str | None = None,
+    dataset_masks: bool = False,
+    output_dir: str | None = None,
+    skip_existing: bool = False,
+    modality: str | None = None,
+    weights: str | None = None,
+    method: str = "network",
+    io_iterations: int | None = None,
+    io_lr: float | None = None,
+    io_method: str = "weights",
+    io_sim: str = "lncc",
+    io_mask_loss: bool = False,
+    opt_lambda: float = 1.5,
+    opt_levels: int | None = None,
+    opt_iterations: Any = None,
+    opt_lr: float | None = None,
+    opt_similarity: str = "lncc",
+    preprocess: str | None = None,
+    input_shape: Any = None,
+    orientation: str = "physical",
+    transform_scheme: str = "grid",
+    padding_mode: str = "border",
+    auto_masks: bool = True,
+    prealign: str = "none",
+    prealign_similarity: str = "mi",
+    memory_limit_gb: float | None = None,
+    outputs: Any = None,
+    device: str = "auto",
+    inverse: bool = True,
+    overview: bool = True,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> None:
+    """Register every pair of a list with one model (loaded once): one result folder per pair under OUTPUT_DIR,
+    and OUTPUT_DIR/summary.csv + summary.json.
+
+    The whole list is checked before any registration (every file present and readable, names unique and usable as
+    folder names, no result folder in the way, the predicted memory of every pair); all problems are reported at
+    once. Each pair's folder OUTPUT_DIR/<name>/ holds what register writes (see register --help) and is written as
+    a whole: it is complete or absent. A pair that fails is recorded in the summary (its error) and the next pair
+    runs; the exit status is 1 if any pair failed. One line per pair gives the count, the outcome and the time left.
+
+    Pair list (--pairs): a .csv with a header row naming the columns fixed, moving (required), fixed_mask,
+    moving_mask, name (optional; default <moving stem>_to_<fixed stem>), one pair per row; or a .json list of objects
+    with those keys. Relative paths are relative to the list's folder (or --data_root). Or a Learn2Reg dataset JSON
+    (--dataset_json, --split): pairs named disp_FFFF_MMMM, so that OUTPUT_DIR is a predictions folder
+    evaluate_learn2reg scores directly.
+
+    summary.csv / summary.json columns: name, status (ok, failed, skipped, not_run), seconds, registration_seconds,
+    folds_percent (det J <= 0, % of fixed voxels), log_jacobian_std (SDlogJ), error, output_dir, fixed, moving,
+    fixed_mask, moving_mask.
+
+    Args:
+        pairs: a CSV or JSON pair list (give this or --dataset_json).
+        dataset_json: a Learn2Reg *_dataset.json (NLST_dataset.json, OASIS_dataset.json, ...).
+        split: with --dataset_json: training, validation (default) or test.
+        data_root: the folder relative paths are relative to (default: the list's / dataset JSON's folder).
+        dataset_masks: with --dataset_json: use the dataset's masks (images -> masks in each path, e.g. NLST's lung
+            masks) as fixed and moving masks.
+        output_dir: the batch's folder (created if missing): OUTPUT_DIR/<name>/ per pair, summary.csv, summary.json.
+        skip_existing: keep the pairs whose folder already holds a complete result (a rerun after a failure or an
+            interruption); without it (or --overwrite) an existing result is an error.
+        modality, weights, method, io_iterations, io_lr, io_method, io_sim, io_mask_loss, opt_lambda, opt_levels,
+        opt_iterations, opt_lr, opt_similarity, preprocess, input_shape, orientation, transform_scheme,
+        padding_mode, auto_masks, prealign, prealign_similarity, outputs, inverse, overview, seed: as for register,
+            the same for every pair (--io_mask_loss uses each pair's masks; segmentations and --io_dice_weight are
+            register's only).
+        memory_limit_gb: refuse the batch, before any work, if a pair's predicted peak memory exceeds this many GiB;
+            default: the machine's total memory.
+        device: auto (cuda if available, else cpu), cpu, cuda or cuda:N; the model is moved there once.
+        overwrite: replace complete previous results in the pairs' folders (each as a whole, when its pair is
+            written); folders holding anything else are never replaced.
+        progress: also show the pipeline's own progress bars within each pair (default: one line per pair).
+    """
+    start = time.perf_counter()
+    list_p = _path(pairs, "pairs", False)
+    dataset_p = _path(dataset_json, "dataset_json", False)
+    if (list_p is None) == (dataset_p is None):
+        raise ValueError("Give exactly one of --pairs (a CSV or JSON pair list) and --dataset_json (a Learn2Reg "
+                         "dataset JSON, with --split).")
+    out_root = _path(output_dir, "output_dir")
+    root_p = _path(data_root, "data_root", False)
+    if root_p is not None and not os.path.isdir(root_p):
+        raise NotADirectoryError(f"--data_root {root_p} is not an existing folder.")
+    _switch(dataset_masks, "dataset_masks")
+    _switch(skip_existing, "skip_existing")
+    if list_p is not None and (split is not None or dataset_masks):
+        raise ValueError("--split and --dataset_masks belong to --dataset_json (a Learn2Reg dataset), not --pairs.")
+    if split is not None:
+        _choice(split, "split", tuple(LEARN2REG_SPLITS))
+    opts = _run_options(
+        modality=modality, weights=weights, io_iterations=io_iterations, io_lr=io_lr, preprocess=preprocess,
+        input_shape=input_shape, orientation=orientation, transform_scheme=transform_scheme, padding_mode=padding_mode,
+        auto_masks=auto_masks, prealign=prealign, prealign_similarity=prealign_similarity,
+        memory_limit_gb=memory_limit_gb, outputs=outputs, device=device, inverse=inverse, overview=overview,
+        overwrite=overwrite, seed=seed, progress=progress, method=method, io_method=io_method, io_sim=io_sim,
+        io_mask_loss=io_mask_loss, io_dice_weight=0.0, opt_lambda=opt_lambda, opt_levels=opt_levels,
+        opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity,
+    )
+    if list_p is not None:
+        batch_pairs = read_pair_list(list_p, root_p)
+        source = {"pair_list": os.path.abspath(list_p)}
+    else:
+        assert dataset_p is not None
+        split = split or "validation"
+        batch_pairs = learn2reg_batch_pairs(dataset_p, split, root_p, masks=dataset_masks)
+        source = {"learn2reg_dataset": os.path.abspath(dataset_p), "split": split, "dataset_masks": dataset_masks}
+    plan = plan_batch(batch_pairs, out_root, overwrite=opts.overwrite, skip_existing=skip_existing,
+                      protect=[p for p in (opts.weights,) if p])  # every pair checked before the slow part
+
+    first = plan.items[0].fixed_shape if plan.items else (1, 1, 1)
+    network, card, settings = _load_model(opts, first)  # once for the batch, on the device once
+    plan = check_batch_memory(plan, lambda shape: _pair_settings(settings, opts, shape), opts.memory_limit_gb)
+    n, kept = len(plan.items), len(plan.items) - len(plan.to_run)
+    peak = max((item.predicted_memory_gb for item in plan.to_run if item.predicted_memory_gb is not None), default=0.0)
+    _say(f"Batch of {n} pair{'s' if n != 1 else ''}: {n - kept} to register" + (f", {kept} kept (complete results "
+         "already there)" if kept else "") + f"; results in {plan.output_root}; predicted peak memory up to "
+         f"{peak:.1f} GiB" + (f" (limit {opts.memory_limit_gb:.1f} GiB)." if opts.memory_limit_gb else "."))
+    _say(_network_line(network, card, settings, opts))
+    note = _lung_mask_note(settings)
+    if note is not None and any(i.pair.fixed_mask is None or i.pair.moving_mask is None for i in plan.to_run):
+        _say(note)
+
+    def register_one(pair, out):
+        return _register_and_save(network, settings, opts, out, pair.fixed, pair.moving, pair.fixed_mask,
+                                  pair.moving_mask)[0]
+
+    def announce(k, total, pair):
+        _say(f"[{k}/{total}] {pair.name}: registering {os.path.basename(pair.moving)} -> "
+             f"{os.path.basename(pair.fixed)}")
+
+    details = {
+        "source": source, "weights": None if opts.weights is None else os.path.abspath(opts.weights),
+        "default_weights": opts.default_weights, "device": str(opts.device), "settings": settings.to_dict(),
+        "model_card": None if card is None else card.to_dict(),
+        "padding_mode": opts.padding_mode, "outputs": opts.outputs, "overview": opts.overview,
+    }
+    batch = run_batch(plan, register_one, log=_say, details=details, before_pair=announce if opts.progress else None)
+    summary = {kind: os.path.join(plan.output_root, name) for kind, name in SUMMARY_FILES.items()}
+    _say(f"Batch done in {time.perf_counter() - start:.1f} s: {len(batch.ok)} ok, {len(batch.failed)} failed, "
+         f"{len(batch.skipped)} kept. Summary: {summary['csv']}, {summary['json']}")
+    if batch.failed:
+        names = ", ".join(r.name for r in batch.failed[:10]) + (", ..." if len(batch.failed) > 10 else "")
+        raise BatchFailuresError(f"{len(batch.failed)} of {n} pairs failed ({names}); their errors are in "
+                                 f"{summary['csv']}. The other results were written; rerun with --skip_existing "
+                                 "to retry only the missing pairs.")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
-    "register": register, "warp": warp, "evaluate": evaluate, "convert-weights": convert_weights,
+    "register": register, "register-batch": register_batch, "warp": warp, "evaluate": evaluate,
+    "convert-weights": convert_weights,
 }
 
 
@@ -510,6 +985,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteResultError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except BatchFailuresError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except _USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -517,7 +995,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     except KeyboardInterrupt:
         if not finished:
-            print("interrupted: no result was written (result folders and files are written as a whole, so anything "
-                  "already there is as it was).", file=sys.stderr)
+            if args and args[0] == "register-batch":
+                print("interrupted: the pairs finished before are written and listed in the batch's summary.csv; "
+                      "the pair in progress left nothing (result folders are written as a whole). Rerun with "
+                      "--skip_existing to continue.", file=sys.stderr)
+            else:
+                print("interrupted: no result was written (result folders and files are written as a whole, so "
+                      "anything already there is as it was).", file=sys.stderr)
         return 130
     return 0

@@ -165,6 +165,18 @@ def _apply_transform(transform: CoordinateTransform, q: np.ndarray, device: torc
     return out[0].movedim(0, -1).to(torch.float64).cpu().numpy()
 
 
+def _world_matrix(matrix: np.ndarray | None, ndim: int) -> np.ndarray | None:
+    """A world affine (``4 x 4``, or ``(ndim + 1)`` square) as ``(ndim + 1)`` square, or None for the identity."""
+    if matrix is None:
+        return None
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape == (ndim + 1, ndim + 1):
+        return m
+    if m.shape == (4, 4) and ndim == 2:
+        return m[np.ix_([0, 1, 3], [0, 1, 3])]
+    raise ValueError(f"A world affine for {ndim}D must be {ndim + 1} x {ndim + 1} or 4 x 4, got {m.shape}.")
+
+
 def physical_displacement(
     transform: CoordinateTransform,
     target: Grid,
@@ -172,35 +184,50 @@ def physical_displacement(
     network_shape: Sequence[int],
     device: torch.device | str = "cpu",
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    output: Grid | None = None,
+    pre: np.ndarray | None = None,
+    post: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dense physical displacement of a network transform on the target image's original grid.
+    """Dense physical displacement of a network transform on an original grid.
 
     Args:
         transform: ``Phi`` mapping normalized network coordinates of the *target* image to those of the *source*
             image (``Phi_AB`` with target = fixed and source = moving; ``Phi_BA`` for the other way round).
-        target: the grid the field is defined on (original fixed grid for ``Phi_AB``).
-        source: the grid the field points into (original moving grid for ``Phi_AB``).
+        target: the grid of the image the network saw as its target (original fixed grid for ``Phi_AB``).
+        source: the grid of the image the network saw as its source (original moving grid for ``Phi_AB``).
         network_shape: the shape both images were resized to.
         device: where to evaluate the transform (the device its tensors live on).
         chunk_voxels: voxels per slab.
+        output: the grid the field is computed on (default ``target``).
+        pre: world affine applied to each output voxel's world point before it is located in ``target`` (default
+            identity); e.g. the inverse of an affine pre-alignment when the output is the original moving grid.
+        post: world affine applied to the source world point found (default identity); e.g. an affine
+            pre-alignment, when the network's source was the moving image resampled through it.
 
     Returns:
-        ``[dim, *target.shape]`` float32: ``u(x) = y(x) - x`` in world mm (RAS+), where ``y`` is the source point
-        matching target point ``x``.
+        ``[dim, *output.shape]`` float32: ``u(x) = post(y(pre(x))) - x`` in world mm (RAS+), where ``y`` is the
+        source point matching target point ``pre(x)``.
     """
     _check_dims(target, source, network_shape)
+    output = target if output is None else output
+    pre_m, post_m = _world_matrix(pre, target.ndim), _world_matrix(post, target.ndim)
     t_scale, t_offset = _axis_coefficients(target.shape, network_shape)
     s_scale, s_offset = _axis_coefficients(source.shape, network_shape)
-    # world(source point) = A_s (s_scale * q_s + s_offset) = L_s q_s + o_s
+    # world(source point) = A_s (s_scale * q_s + s_offset) = L_s q_s + o_s, then post
     l_s = source.matrix * s_scale[None, :]
     o_s = source.matrix @ s_offset + source.offset
-    out = np.empty((target.ndim, *target.shape), dtype=np.float32)
-    for start, stop in _slabs(target.shape, chunk_voxels):
-        idx = _slab_grid(target.shape, start, stop, device)
-        q_t = (idx - _per_channel(t_offset, idx)) / _per_channel(t_scale, idx)
+    if post_m is not None:
+        l_s, o_s = post_m[:-1, :-1] @ l_s, post_m[:-1, :-1] @ o_s + post_m[:-1, -1]
+    # target index of an output voxel: A_t^-1 (pre (A_out i))
+    to_target = np.linalg.inv(target.affine) @ (pre_m if pre_m is not None else np.eye(target.ndim + 1)) @ output.affine
+    out = np.empty((target.ndim, *output.shape), dtype=np.float32)
+    for start, stop in _slabs(output.shape, chunk_voxels):
+        idx = _slab_grid(output.shape, start, stop, device)
+        t_idx = _linear(to_target[:-1, :-1], to_target[:-1, -1], idx)
+        q_t = (t_idx - _per_channel(t_offset, idx)) / _per_channel(t_scale, idx)
         with torch.no_grad():
             q_s = transform(q_t.to(torch.float32)[None])[0].to(torch.float64)
-        u = _linear(l_s, o_s, q_s) - _linear(target.matrix, target.offset, idx)
+        u = _linear(l_s, o_s, q_s) - _linear(output.matrix, output.offset, idx)
         out[:, start:stop] = u.to(torch.float32).cpu().numpy()
     return out
 
@@ -304,20 +331,27 @@ def map_points(
     source: Grid,
     network_shape: Sequence[int],
     device: torch.device | str = "cpu",
+    pre: np.ndarray | None = None,
+    post: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Map target-image world points ``[K, dim]`` (mm, RAS+) to source-image world points with ``transform``.
-
-    The transform is evaluated at the points themselves (no dense field, no field interpolation).
-    """
+    """Map world points ``[K, dim]`` (mm, RAS+) with ``transform``: each point is moved by ``pre``, located in the
+    target grid, mapped to the source grid's world and moved by ``post`` (the affines default to the identity; see
+    :func:`physical_displacement`). The transform is evaluated at the points themselves (no dense field)."""
     _check_dims(target, source, network_shape)
     pts = np.asarray(points_world, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != target.ndim:
         raise ValueError(f"points must be [K, {target.ndim}] world coordinates, got shape {pts.shape}.")
+    pre_m, post_m = _world_matrix(pre, target.ndim), _world_matrix(post, target.ndim)
+    if pre_m is not None:
+        pts = pts @ pre_m[:-1, :-1].T + pre_m[:-1, -1]
     q = index_to_network(target.world_to_index(pts), target.shape, network_shape)
     # [K, dim] -> [1, K, dim] so that points form a 1 x K (2D) or 1 x 1 x K (3D) grid for grid_sample
     q = q.reshape((1,) * (target.ndim - 1) + q.shape)
     moved = _apply_transform(transform, q, device).reshape(-1, target.ndim)
-    return source.index_to_world(network_to_index(moved, source.shape, network_shape))
+    world = source.index_to_world(network_to_index(moved, source.shape, network_shape))
+    if post_m is not None:
+        world = world @ post_m[:-1, :-1].T + post_m[:-1, -1]
+    return world
 
 
 def _check_dims(target: Grid, source: Grid, network_shape: Sequence[int]) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,8 @@ from torch import nn
 from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
 from monai_gradicon.data.preprocessing import PREPROCESSING, preprocess
 from monai_gradicon.errors import NonFiniteResultError
+from monai_gradicon.field_optimization import DEFAULT_IO_LR as FIELD_IO_LR
+from monai_gradicon.field_optimization import FieldOptions, check_field_options, optimize_fields
 from monai_gradicon.instance_optimization import DEFAULT_IO_LR, instance_optimize
 from monai_gradicon.io import Image, as_image
 from monai_gradicon.losses.objective import GradICONObjective
@@ -76,12 +78,34 @@ __all__ = [
     "read_pair",
     "complete_masks",
     "prepare_pair",
+    "prealign_pair",
+    "PREALIGNMENTS",
+    "METHODS",
+    "IO_METHODS",
     "orient_pair",
     "prepared_from_network_input",
     "run_network",
+    "optimize_pair",
+    "stage_name",
+    "default_optimize_shape",
     "transform_from_ddf",
     "to_original_grids",
 ]
+
+PREALIGNMENTS = {"none": (), "rigid": ("rigid",), "affine": ("rigid", "affine")}
+"""Affine pre-alignment choices -> the stages of :func:`monai_gradicon.affine.register_affine`."""
+
+METHODS = ("network", "optimize")
+"""How stage 3 finds the deformable transforms. ``network``: a GradICON network with weights (optionally followed by
+instance optimization). ``optimize``: no network; the two transforms are optimized directly on the working grid
+(:func:`monai_gradicon.field_optimization.optimize_fields`: GradICON's objective over displacement fields, coarse to
+fine)."""
+
+IO_METHODS = ("weights", "fields")
+"""What instance optimization after a network changes. ``weights``: the paper's (Adam on all network weights, the
+network restored afterwards). ``fields``: the network's two transforms are the start of
+:func:`~monai_gradicon.field_optimization.optimize_fields` (the weights untouched; ~15x less time per step on CPU,
+``bench/FIELD_OPTIMIZATION.md``)."""
 
 ORIENTATIONS = ("physical", "index")
 """``physical``: the moving array is reoriented (exact permutation/flip) to the fixed image's axis orientation
@@ -132,6 +156,20 @@ class RegistrationSettings:
         io_lr, io_seed: IO learning rate and jitter seed.
         auto_masks: with the ``lung_ct`` preprocessing, compute a lung mask (:func:`monai_gradicon.lung_mask.lung_mask`)
             for an image given without one: the lung model was trained on lung-masked CT. Ignored otherwise.
+        prealign: :data:`PREALIGNMENTS`: ``"none"``, or an affine pre-alignment (:func:`monai_gradicon.affine.register_affine`
+            with the stages ``("rigid",)`` or ``("rigid", "affine")``) before the network; the deformable transform is
+            composed with it exactly in every output.
+        prealign_similarity: ``"mi"`` (any modality, default) or ``"lncc"`` for the pre-alignment.
+        method: :data:`METHODS`; ``"optimize"`` needs no network (``axis_order`` is then ``"file"`` and
+            ``input_shape`` the working grid of the optimization).
+        io_method: :data:`IO_METHODS` (used when ``io_iterations`` > 0 with the network method): ``"fields"`` runs
+            :func:`~monai_gradicon.field_optimization.optimize_fields` from the network's transforms with
+            ``io_iterations`` steps per level at learning rate ``io_lr`` (voxels per step).
+        opt_lambda, opt_levels, opt_iterations, opt_lr, opt_similarity: the field optimization's GradICON weight,
+            pyramid levels, Adam steps per level (coarse to fine), learning rate (voxels of the level per step) and
+            similarity (:data:`~monai_gradicon.field_optimization.SIMILARITIES`), for ``method="optimize"`` (and
+            lambda, levels and similarity for ``io_method="fields"``); ``None``: the measured defaults of
+            :mod:`monai_gradicon.field_optimization`.
     """
 
     preprocessing: str
@@ -144,6 +182,15 @@ class RegistrationSettings:
     io_lr: float = DEFAULT_IO_LR
     io_seed: int = 0
     auto_masks: bool = True
+    prealign: str = "none"
+    prealign_similarity: str = "mi"
+    method: str = "network"
+    io_method: str = "weights"
+    opt_lambda: float = 1.5
+    opt_levels: int | None = None
+    opt_iterations: int | tuple[int, ...] | None = None
+    opt_lr: float | None = None
+    opt_similarity: str = "lncc"
 
     def __post_init__(self) -> None:
         if self.preprocessing not in PREPROCESSING:
@@ -162,6 +209,34 @@ class RegistrationSettings:
             raise ValueError(f"io_seed must be a whole number, got {self.io_seed!r}.")
         if not isinstance(self.auto_masks, bool):
             raise ValueError(f"auto_masks must be True or False, got {self.auto_masks!r}.")
+        if self.prealign not in PREALIGNMENTS:
+            raise ValueError(f"prealign must be one of {tuple(PREALIGNMENTS)}, got {self.prealign!r}.")
+        if self.prealign_similarity not in ("mi", "lncc"):
+            raise ValueError(f"prealign_similarity must be 'mi' or 'lncc', got {self.prealign_similarity!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if self.io_method not in IO_METHODS:
+            raise ValueError(f"io_method must be one of {IO_METHODS}, got {self.io_method!r}.")
+        if self.method == "optimize" and self.io_iterations:
+            raise ValueError("io_iterations is instance optimization after a network; method 'optimize' has no "
+                             "network: set its steps with opt_iterations instead.")
+        if self.method == "optimize" and self.axis_order != "file":
+            raise ValueError(f"method 'optimize' works in the file's axis order, got axis_order {self.axis_order!r}.")
+        self.field_options()  # every optimization option checked now, before any work
+
+    def field_options(self) -> FieldOptions | None:
+        """The checked :class:`~monai_gradicon.field_optimization.FieldOptions` of the field optimization this run
+        does (``method="optimize"``, or field-level IO), defaults filled in; None when it does none."""
+        if self.method == "optimize":
+            iterations = list(self.opt_iterations) if isinstance(self.opt_iterations, tuple) else self.opt_iterations
+            return check_field_options(self.file_order_shape, from_init=False, similarity=self.opt_similarity,
+                                       lmbda=self.opt_lambda, levels=self.opt_levels, iterations=iterations,
+                                       lr=self.opt_lr)
+        if self.io_method == "fields" and self.io_iterations:
+            return check_field_options(self.file_order_shape, from_init=True, similarity=self.opt_similarity,
+                                       lmbda=self.opt_lambda, levels=self.opt_levels, iterations=self.io_iterations,
+                                       lr=self.io_lr)
+        return None
 
     @property
     def makes_masks(self) -> bool:
@@ -187,11 +262,34 @@ class RegistrationSettings:
             "io_lr": self.io_lr if self.io_iterations else None,
             "io_seed": self.io_seed if self.io_iterations else None,
             "auto_masks": self.makes_masks,
+            "prealign": self.prealign,
+            "prealign_similarity": self.prealign_similarity if self.prealign != "none" else None,
+            "method": self.method,
+            "io_method": self.io_method if self.io_iterations else None,
+            "field_optimization": self._field_dict(),
         }
+
+    def _field_dict(self) -> dict[str, Any] | None:
+        options = self.field_options()
+        if options is None:
+            return None
+        return {"lambda": self.opt_lambda, "similarity": self.opt_similarity, "levels": options.levels,
+                "iterations": list(options.iterations), "lr": options.lr, "field_spacing": list(options.field_spacing)}
+
+
+OPTIMIZE_MAX_SIZE = 175
+"""Largest working-grid size per axis :func:`default_optimize_shape` picks for ``method="optimize"`` (the size the
+field optimization's defaults were measured at, ``bench/FIELD_OPTIMIZATION.md``)."""
+
+
+def default_optimize_shape(fixed_shape: Sequence[int], max_size: int = OPTIMIZE_MAX_SIZE) -> tuple[int, ...]:
+    """The working grid of ``method="optimize"`` for a fixed image of ``fixed_shape`` (voxels, file axis order):
+    the image's own size, each axis capped at ``max_size`` voxels."""
+    return tuple(min(int(n), int(max_size)) for n in fixed_shape)
 
 
 def resolve_settings(
-    card: ModelCard,
+    card: ModelCard | None,
     *,
     preprocessing: str | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -200,34 +298,66 @@ def resolve_settings(
     transform_scheme: str = "grid",
     inverse: bool = True,
     io_iterations: int = 0,
-    io_lr: float = DEFAULT_IO_LR,
+    io_lr: float | None = None,
     io_seed: int = 0,
     auto_masks: bool = True,
+    prealign: str = "none",
+    prealign_similarity: str = "mi",
+    method: str = "network",
+    io_method: str = "weights",
+    opt_lambda: float = 1.5,
+    opt_levels: int | None = None,
+    opt_iterations: Sequence[int] | int | None = None,
+    opt_lr: float | None = None,
+    opt_similarity: str = "lncc",
     source: str = "the weights",
 ) -> RegistrationSettings:
     """Settings from a model card plus the caller's explicit choices.
 
-    The card decides ``preprocessing``, ``input_shape`` and ``axis_order``; an explicit value (not ``None``) that
-    contradicts it raises :class:`~monai_gradicon.model_card.CardError`, and one the card leaves unknown must be
-    given (also an error otherwise: nothing is guessed).
+    With a network (``method="network"``) the card decides ``preprocessing``, ``input_shape`` and ``axis_order``; an
+    explicit value (not ``None``) that contradicts it raises :class:`~monai_gradicon.model_card.CardError`, and one
+    the card leaves unknown must be given (also an error otherwise: nothing is guessed). ``method="optimize"`` has
+    no weights: ``card`` must be None, ``preprocessing`` and ``input_shape`` (the working grid, file axis order,
+    e.g. from :func:`default_optimize_shape`) are required and the axis order is the file's. ``io_lr`` None: the
+    default of ``io_method`` (2e-5 for network weights, 0.05 voxels per step for fields).
     """
-    card.check_agrees({"preprocessing": preprocessing, "input_shape": input_shape, "axis_order": axis_order}, source)
-    pre = card.preprocessing if card.preprocessing is not None else preprocessing
-    shape = card.input_shape if card.input_shape is not None else (tuple(input_shape) if input_shape else None)
-    missing = []
-    if pre is None:
-        missing.append(f"the intensity preprocessing (--preprocess: one of {sorted(PREPROCESSING)})")
-    if shape is None:
-        missing.append("the network input shape (--input_shape, e.g. 175,175,175)")
-    if missing:
-        raise CardError(
-            f"The model card of {source} ({card.name or 'no name'}) does not say {' or '.join(missing)}; state it "
-            "explicitly, as the weights were trained."
-        )
+    if method == "optimize":
+        if card is not None:
+            raise ValueError("method 'optimize' uses no network: do not pass weights (a model card) with it.")
+        if axis_order not in (None, "file"):
+            raise ValueError(f"method 'optimize' works in the file's axis order, got axis_order {axis_order!r}.")
+        missing = [what for what, value in (("preprocessing (e.g. unigradicon_ct, lung_ct, unigradicon_mri)",
+                                             preprocessing), ("input_shape (the working grid)", input_shape))
+                   if value is None]
+        if missing:
+            raise ValueError(f"method 'optimize' needs the {' and the '.join(missing)}.")
+        pre, shape, order = preprocessing, tuple(input_shape), "file"
+    else:
+        if card is None:
+            raise ValueError(f"method {method!r} needs a network's model card (or use method 'optimize').")
+        card.check_agrees({"preprocessing": preprocessing, "input_shape": input_shape, "axis_order": axis_order},
+                          source)
+        pre = card.preprocessing if card.preprocessing is not None else preprocessing
+        shape = card.input_shape if card.input_shape is not None else (tuple(input_shape) if input_shape else None)
+        order = card.axis_order
+        missing = []
+        if pre is None:
+            missing.append(f"the intensity preprocessing (--preprocess: one of {sorted(PREPROCESSING)})")
+        if shape is None:
+            missing.append("the network input shape (--input_shape, e.g. 175,175,175)")
+        if missing:
+            raise CardError(
+                f"The model card of {source} ({card.name or 'no name'}) does not say {' or '.join(missing)}; state "
+                "it explicitly, as the weights were trained."
+            )
+    if io_lr is None:
+        io_lr = FIELD_IO_LR if io_method == "fields" else DEFAULT_IO_LR
+    if isinstance(opt_iterations, list):
+        opt_iterations = tuple(opt_iterations)
     return RegistrationSettings(
         preprocessing=pre,
         input_shape=tuple(int(s) for s in shape),
-        axis_order=card.axis_order,
+        axis_order=order,
         orientation=orientation,
         transform_scheme=transform_scheme,
         inverse=inverse,
@@ -235,6 +365,15 @@ def resolve_settings(
         io_lr=io_lr,
         io_seed=io_seed,
         auto_masks=auto_masks,
+        prealign=prealign,
+        prealign_similarity=prealign_similarity,
+        method=method,
+        io_method=io_method,
+        opt_lambda=opt_lambda,
+        opt_levels=opt_levels,
+        opt_iterations=opt_iterations,
+        opt_lr=opt_lr,
+        opt_similarity=opt_similarity,
     )
 
 
@@ -349,12 +488,14 @@ def complete_masks(inputs: PairInputs, settings: RegistrationSettings) -> PairIn
         return inputs
     from monai_gradicon.lung_mask import lung_mask
 
-    for name in ("fixed", "moving"):
-        if getattr(inputs, f"{name}_mask") is None:
-            result = lung_mask(getattr(inputs, name), method="threshold")
-            setattr(inputs, f"{name}_mask", result.mask)
-            setattr(inputs, f"{name}_mask_source", f"automatic lung mask ({result.method}, {result.volume_ml:.0f} mL)")
-            inputs.automatic_masks[name] = result
+    if inputs.fixed_mask is None:
+        result = lung_mask(inputs.fixed, method="threshold")
+        inputs.fixed_mask, inputs.automatic_masks["fixed"] = result.mask, result
+        inputs.fixed_mask_source = f"automatic lung mask ({result.method}, {result.volume_ml:.0f} mL)"
+    if inputs.moving_mask is None:
+        result = lung_mask(inputs.moving, method="threshold")
+        inputs.moving_mask, inputs.automatic_masks["moving"] = result.mask, result
+        inputs.moving_mask_source = f"automatic lung mask ({result.method}, {result.volume_ml:.0f} mL)"
     return inputs
 
 
@@ -384,16 +525,6 @@ def _apply_orientation(image: Image, ornt: np.ndarray) -> Image:
     return Image(array=array, affine=affine, path=image.path)
 
 
-def _undo_orientation(field_cf: np.ndarray, reoriented: Image, original: Image) -> np.ndarray:
-    """Bring a channel-first field ``[c, *S]`` on the reoriented grid back to the original grid (vectors unchanged:
-    they are world mm)."""
-    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-    back = ornt_transform(io_orientation(reoriented.affine), io_orientation(original.affine))
-    moved = apply_orientation(np.moveaxis(field_cf, 0, -1), back)
-    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
-
-
 @dataclass
 class PreparedPair:
     """The pair as the network sees it, and the geometry to go back.
@@ -404,6 +535,10 @@ class PreparedPair:
         reoriented: whether ``moving_oriented`` differs from the stored moving image.
         fixed_net, moving_net: ``[1, C, *settings.file_order_shape]`` float32 network inputs, **file axis order**.
         settings: what it was prepared with.
+        prealign: the affine pre-alignment ``(dim + 1)`` square world matrix (fixed world -> moving world), when one
+            ran: ``moving_oriented`` is then the moving image resampled through it onto the fixed grid, and every
+            output composes the network's transform with it exactly.
+        prealign_result: the :class:`monai_gradicon.affine.AffineResult` (history, timings), or None.
     """
 
     inputs: PairInputs
@@ -412,6 +547,12 @@ class PreparedPair:
     fixed_net: torch.Tensor
     moving_net: torch.Tensor
     settings: RegistrationSettings
+    prealign: np.ndarray | None = None
+    prealign_result: Any = None
+
+    @property
+    def prealign_inverse(self) -> np.ndarray | None:
+        return None if self.prealign is None else np.linalg.inv(self.prealign)
 
     @property
     def network_input(self) -> torch.Tensor:
@@ -451,6 +592,39 @@ def orient_pair(inputs: PairInputs, orientation: str) -> tuple[Image, np.ndarray
     return _apply_orientation(inputs.moving, ornt), mask, True
 
 
+def prealign_pair(inputs: PairInputs, settings: RegistrationSettings, device: torch.device | str = "cpu",
+                  progress: bool = False):
+    """The affine pre-alignment stage: ``(matrix, AffineResult, moving resampled onto the fixed grid, its mask)``,
+    or ``(None, None, inputs.moving, inputs.moving_mask)`` when ``settings.prealign == "none"``. The matrix maps a
+    fixed world point to the moving world point (``(dim + 1)`` square); the resampled moving image is what the
+    network then registers to the fixed image (linear, border values; the mask nearest-neighbour)."""
+    if settings.prealign == "none":
+        return None, None, inputs.moving, inputs.moving_mask
+    from monai_gradicon.affine import register_affine
+
+    result = register_affine(inputs.fixed, inputs.moving, fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+                             similarity=settings.prealign_similarity, stages=PREALIGNMENTS[settings.prealign],
+                             device=device, progress=progress)
+    ndim = inputs.fixed.ndim
+    matrix = np.asarray(result.matrix, dtype=np.float64)
+    if matrix.shape == (4, 4) and ndim == 2:
+        matrix = matrix[np.ix_([0, 1, 3], [0, 1, 3])]
+    from monai_gradicon.affine import affine_displacement
+
+    fixed_grid, moving_grid = Grid.of(inputs.fixed), Grid.of(inputs.moving)
+    shift = affine_displacement(result.matrix, fixed_grid)
+    aligned = warp_physical(np.asarray(inputs.moving.array, dtype=np.float32), moving_grid, shift, fixed_grid,
+                            "bilinear", "border", device)
+    mask = None
+    if inputs.moving_mask is not None:
+        mask = warp_physical(inputs.moving_mask.astype(np.uint8), moving_grid, shift, fixed_grid, "nearest", "zeros",
+                             device) > 0
+        if not mask.any():
+            raise ValueError("After the affine pre-alignment the moving mask lies outside the fixed image's grid: "
+                             "the images do not overlap; check them, or register without --prealign.")
+    return matrix, result, Image(array=aligned, affine=inputs.fixed.affine, path=inputs.moving.path), mask
+
+
 def prepared_from_network_input(inputs: PairInputs, settings: RegistrationSettings,
                                  network_input: torch.Tensor) -> PreparedPair:
     """A :class:`PreparedPair` around network inputs that were already computed (``[2C, *S]`` or ``[1, 2C, *S]``,
@@ -465,9 +639,13 @@ def prepared_from_network_input(inputs: PairInputs, settings: RegistrationSettin
     return PreparedPair(inputs, moving, reoriented, x[:, c:].float(), x[:, :c].float(), settings)
 
 
-def prepare_pair(inputs: PairInputs, settings: RegistrationSettings, network: GradICONNetwork | None = None) -> PreparedPair:
-    """Orientation, preprocessing and resize (stage 2). With ``network`` given, its dimensionality and minimum size
-    are checked against the pair and the settings first."""
+def prepare_pair(inputs: PairInputs, settings: RegistrationSettings, network: GradICONNetwork | None = None,
+                 device: torch.device | str = "cpu", prealigned: tuple | None = None,
+                 progress: bool = False) -> PreparedPair:
+    """Affine pre-alignment (when the settings ask for it), orientation, preprocessing and resize (stage 2). With
+    ``network`` given, its dimensionality and minimum size are checked against the pair and the settings first.
+    ``prealigned``: the result of :func:`prealign_pair` when it already ran (e.g. in a bundle's preprocessing);
+    ``progress``: show the pre-alignment's progress."""
     ndim = inputs.fixed.ndim
     if len(settings.input_shape) != ndim:
         raise ValueError(f"The network shape {settings.input_shape} is {len(settings.input_shape)}D but the images "
@@ -483,10 +661,16 @@ def prepare_pair(inputs: PairInputs, settings: RegistrationSettings, network: Gr
                 f"Network shape {settings.input_shape} is below the minimum of {network.min_size} voxels per axis of "
                 f"a {network.num_steps}-step network."
             )
-    moving, mmask, reoriented = orient_pair(inputs, settings.orientation)
+    if prealigned is None:
+        prealigned = prealign_pair(inputs, settings, device, progress)
+    matrix, result, moving, mmask = prealigned
+    if matrix is None:
+        moving, mmask, reoriented = orient_pair(inputs, settings.orientation)
+    else:  # resampled onto the fixed grid: same orientation by construction
+        reoriented = False
     fixed_net = _network_input(inputs.fixed, inputs.fixed_mask, settings, "fixed image")
     moving_net = _network_input(moving, mmask, settings, "moving image")
-    return PreparedPair(inputs, moving, reoriented, fixed_net, moving_net, settings)
+    return PreparedPair(inputs, moving, reoriented, fixed_net, moving_net, settings, matrix, result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,6 +729,18 @@ def transform_from_ddf(ddf: torch.Tensor) -> CoordinateTransform:
     return DisplacementTransform(ddf * scale.view(1, -1, *([1] * (ddf.ndim - 2))))
 
 
+def _optimize(moving: torch.Tensor, fixed: torch.Tensor, settings: RegistrationSettings, init: tuple | None,
+              progress: bool) -> tuple[CoordinateTransform, CoordinateTransform, list[dict[str, float]]]:
+    options = settings.field_options()
+    result = optimize_fields(
+        moving, fixed, init_ab=None if init is None else init[0], init_ba=None if init is None else init[1],
+        similarity=settings.opt_similarity, lmbda=settings.opt_lambda, levels=options.levels,
+        iterations=list(options.iterations), lr=options.lr, field_spacing=list(options.field_spacing),
+        seed=settings.io_seed, progress=progress,
+    )
+    return result.phi_ab, result.phi_ba, result.history
+
+
 def run_network(
     network: GradICONNetwork,
     prepared: PreparedPair,
@@ -552,22 +748,30 @@ def run_network(
     io_objective: Callable[[nn.Module], GradICONObjective] | None = None,
     progress: bool = False,
 ) -> NetworkTransforms:
-    """Stage 3: the transforms of ``network`` for the prepared pair (weights unchanged; IO restores them)."""
+    """Stage 3 with a network: its transforms for the prepared pair, then the instance optimization the settings ask
+    for (``io_method`` ``"weights"``: Adam on the weights, restored afterwards; ``"fields"``: the two transforms
+    optimized from the network's, the weights untouched). ``io_objective`` is for the weights IO only."""
     settings = prepared.settings
     if not isinstance(network, GradICONNetwork):
         raise TypeError(f"network must be a GradICONNetwork, got {type(network).__name__}.")
+    if settings.method != "network":
+        raise ValueError(f"run_network runs method 'network', but the settings say {settings.method!r}.")
     if network.axis_order != settings.axis_order:
         raise CardError(
             f"The settings were made for axis order {settings.axis_order!r} but the network's card says "
             f"{network.axis_order!r}."
         )
+    field_io = bool(settings.io_iterations) and settings.io_method == "fields"
+    if field_io and io_objective is not None:
+        raise ValueError("io_objective (similarity, masks, Dice) applies to the weights' instance optimization; "
+                         "io_method 'fields' takes opt_similarity and opt_lambda instead.")
     start = time.perf_counter()
     dev = torch.device(device)
     network.to(dev)
     moving = to_network_axes(prepared.moving_net.to(dev), settings.axis_order)
     fixed = to_network_axes(prepared.fixed_net.to(dev), settings.axis_order)
     history: list[dict[str, float]] = []
-    if settings.io_iterations:
+    if settings.io_iterations and not field_io:
         objective = io_objective(network) if io_objective is not None else GradICONObjective(network)
         io = instance_optimize(network, moving, fixed, settings.io_iterations, settings.io_lr, objective,
                                settings.io_seed, progress)
@@ -575,9 +779,35 @@ def run_network(
     else:
         with torch.no_grad(), _EvalMode(network):
             phi_ab = network(moving, fixed)
-            phi_ba = network(fixed, moving) if settings.inverse else None
+            phi_ba = network(fixed, moving) if (settings.inverse or field_io) else None
+        if field_io:
+            phi_ab, phi_ba, history = _optimize(moving, fixed, settings, (phi_ab, phi_ba), progress)
+            phi_ba = phi_ba if settings.inverse else None
     return NetworkTransforms(_file_order(phi_ab, settings), _file_order(phi_ba, settings), history,
                              time.perf_counter() - start)
+
+
+def stage_name(settings: RegistrationSettings) -> str:
+    """The timings key of stage 3: ``"optimize"`` (no network), ``"instance_optimization"`` (a network with IO of
+    either kind) or ``"network"`` (one forward pass per direction)."""
+    if settings.method == "optimize":
+        return "optimize"
+    return "instance_optimization" if settings.io_iterations else "network"
+
+
+def optimize_pair(prepared: PreparedPair, device: torch.device | str = "cpu", progress: bool = False) -> NetworkTransforms:
+    """Stage 3 without a network (``method="optimize"``): the two transforms optimized directly on the working grid
+    ``settings.input_shape`` (file axis order) by :func:`~monai_gradicon.field_optimization.optimize_fields` with the
+    settings' ``opt_*`` options and ``io_seed``; the result has the form of the network's."""
+    settings = prepared.settings
+    if settings.method != "optimize":
+        raise ValueError(f"optimize_pair runs method 'optimize', but the settings say {settings.method!r}.")
+    start = time.perf_counter()
+    dev = torch.device(device)
+    phi_ab, phi_ba, history = _optimize(prepared.moving_net.to(dev), prepared.fixed_net.to(dev), settings, None,
+                                        progress)
+    return NetworkTransforms(_file_order(phi_ab, settings), _file_order(phi_ba if settings.inverse else None, settings),
+                             history, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,18 +854,22 @@ def to_original_grids(
         raise ValueError(f"padding_mode must be 'border' or 'zeros', got {padding_mode!r}.")
     start = time.perf_counter()
     inputs, settings = prepared.inputs, prepared.settings
-    fixed_grid, moving_grid = Grid.of(inputs.fixed), Grid.of(prepared.moving_oriented)
+    fixed_grid, paired_grid = Grid.of(inputs.fixed), Grid.of(prepared.moving_oriented)
+    moving_grid = Grid.of(inputs.moving)
     shape = settings.file_order_shape
-    displacement = physical_displacement(transforms.phi_ab, fixed_grid, moving_grid, shape, device, chunk_voxels)
+    # fixed voxel -> the network's moving point (the paired image's world) -> through the pre-alignment, if any
+    displacement = physical_displacement(transforms.phi_ab, fixed_grid, paired_grid, shape, device, chunk_voxels,
+                                         post=prepared.prealign)
     _require_finite(displacement, "displacement field")
-    warped = warp_physical(prepared.moving_oriented.array, moving_grid, displacement, fixed_grid, "bilinear",
-                           padding_mode, device, chunk_voxels)
+    # the original moving image, sampled once (its world is the paired image's, or the pre-alignment's target)
+    warped = warp_physical(inputs.moving.array, moving_grid, displacement, fixed_grid, "bilinear", padding_mode,
+                           device, chunk_voxels)
     inverse = None
     if transforms.phi_ba is not None:
-        inverse = physical_displacement(transforms.phi_ba, moving_grid, fixed_grid, shape, device, chunk_voxels)
+        # every voxel of the moving image as stored: into the paired image's world, then Phi_BA to the fixed world
+        inverse = physical_displacement(transforms.phi_ba, paired_grid, fixed_grid, shape, device, chunk_voxels,
+                                        output=moving_grid, pre=prepared.prealign_inverse)
         _require_finite(inverse, "inverse displacement field")
-        if prepared.reoriented:
-            inverse = _undo_orientation(inverse, prepared.moving_oriented, inputs.moving)
     ddf = displacement_to_ddf(displacement, fixed_grid)
     jac = jacobian_determinant(torch.from_numpy(ddf)[None])[0].numpy().astype(np.float32)
     _require_finite(jac, "Jacobian determinant")

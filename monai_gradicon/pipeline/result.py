@@ -13,6 +13,17 @@ Files (:data:`OUTPUT_FILES`; the bundle inference writes the same contents as ``
 * ``warped_moving.nii.gz``: the original moving image linearly interpolated at ``x + u(x)`` for every fixed voxel,
   float32, on the fixed grid.
 * ``inverse_displacement_mm.nii.gz``: as ``displacement_mm`` for ``Phi_BA``, on the moving image's grid.
+* ``transform_fixed_to_moving.h5``: the same fixed -> moving resampling transform as an ITK composite transform file
+  (:mod:`monai_gradicon.itk_transforms`) that keeps the two parts apart: ``[AffineTransform, DisplacementField
+  Transform]`` in ITK's order (the field is applied first): ``x -> M(x + d(x))`` with ``M`` the affine pre-alignment
+  (the identity without one) and ``d`` the network's deformation alone on the fixed grid (LPS mm). ITK's
+  ``ResampleImageFilter`` / ``sitk.Resample``, ``antsApplyTransforms -t`` and 3D Slicer resample the moving image
+  onto the fixed grid with it; at the fixed voxels it equals ``displacement_mm``.
+* ``transform_moving_to_fixed.h5``: the inverse direction (moving point -> fixed point, from ``Phi_BA``):
+  ``[DisplacementFieldTransform, AffineTransform]``, ``y -> e(M^-1 y)`` with ``e`` the network's inverse deformation
+  on the grid the network registered the moving image on (the fixed grid with a pre-alignment, the moving grid
+  without one). Without a pre-alignment it equals ``inverse_displacement_mm`` at the moving voxels; with one, up to
+  the linear interpolation of ``e`` between fixed voxels.
 * ``jacobian_determinant.nii.gz``: det J of ``x -> x + u(x)`` in physical space; ``<= 0`` is a fold.
 * ``overview.png``, ``summary.json`` (timings, settings, model card, folds, conventions; written last).
 
@@ -38,6 +49,13 @@ import torch
 
 from monai_gradicon.io import Image, as_image, write_displacement_field, write_nifti
 from monai_gradicon.io_utils import atomic_write_text
+from monai_gradicon.itk_transforms import (
+    ITKAffine,
+    ITKComponent,
+    ITKDisplacementField,
+    require_h5py,
+    write_itk_composite,
+)
 from monai_gradicon.model_card import ModelCard
 from monai_gradicon.pipeline.core import (
     NetworkTransforms,
@@ -49,9 +67,13 @@ from monai_gradicon.resample import Grid, box_relative_ddf, map_points, physical
 
 __all__ = [
     "OUTPUT_FILES",
+    "OUTPUT_CHOICES",
+    "INVERSE_OUTPUTS",
     "RESULT_MARKER",
     "CONVENTIONS",
+    "is_complete_result",
     "RegistrationResult",
+    "check_outputs",
     "check_result_folder",
     "write_result_folder",
     "read_label_image",
@@ -63,13 +85,26 @@ OUTPUT_FILES: dict[str, str] = {
     "ddf": "ddf_voxels.nii.gz",
     "displacement": "displacement_mm.nii.gz",
     "inverse_displacement": "inverse_displacement_mm.nii.gz",
+    "transform": "transform_fixed_to_moving.h5",
+    "inverse_transform": "transform_moving_to_fixed.h5",
     "jacobian": "jacobian_determinant.nii.gz",
     "overview": "overview.png",
+    "affine": "affine_fixed_to_moving.tfm",
     "fixed_mask": "fixed_lung_mask.nii.gz",
     "moving_mask": "moving_lung_mask.nii.gz",
     "summary": "summary.json",
 }
 """File names of a result folder (the summary is written last; the lung masks only when they were computed)."""
+
+OUTPUT_CHOICES: tuple[str, ...] = (
+    "warped", "ddf", "displacement", "inverse_displacement", "transform", "inverse_transform", "jacobian", "overview",
+)
+"""Keys of :data:`OUTPUT_FILES` a caller chooses among (``outputs=``; default all of them). The inverse outputs
+(``inverse_displacement``, ``inverse_transform``) need the inverse computed; the summary, the pre-alignment's
+``.tfm`` and computed lung masks are always written."""
+
+INVERSE_OUTPUTS = ("inverse_displacement", "inverse_transform")
+"""The outputs that need ``Phi_BA`` (a registration without them can skip computing the inverse)."""
 
 RESULT_MARKER = "monai_gradicon registration result"
 """``summary.json["kind"]`` of a result folder: only folders carrying it (and holding only result files) may be
@@ -91,12 +126,52 @@ CONVENTIONS: dict[str, str] = {
     "warped": "the original moving image linearly interpolated at x + u(x) for every fixed voxel, float32",
     "inverse_displacement_mm": "as displacement_mm, on the moving grid: moving point y -> fixed point y + v(y)",
     "jacobian_determinant": "det J of x -> x + u(x) in physical space on the fixed grid; <= 0 is a fold",
+    "transform_fixed_to_moving.h5": (
+        "ITK composite transform (HDF5): [AffineTransform_double, DisplacementFieldTransform_double] in ITK's order "
+        "(the last is applied first), LPS mm: fixed point x -> M(x + d(x)), M the affine pre-alignment (identity "
+        "without one, also in affine_fixed_to_moving.tfm), d the network's deformation alone on the fixed grid. The "
+        "resampling transform of the moving image onto the fixed grid (ITK ResampleImageFilter, SimpleITK Resample, "
+        "antsApplyTransforms -t, 3D Slicer); equal to displacement_mm at the fixed voxels."
+    ),
+    "transform_moving_to_fixed.h5": (
+        "ITK composite transform (HDF5): [DisplacementFieldTransform_double, AffineTransform_double], LPS mm: moving "
+        "point y -> e(M^-1 y), e the network's inverse deformation on the grid the network registered the moving "
+        "image on (the fixed grid with a pre-alignment, the moving grid without one); ITK uses zero displacement "
+        "for points more than half a voxel outside that grid."
+    ),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # result folders
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def check_outputs(outputs: Sequence[str] | None, inverse: bool = True) -> list[str]:
+    """Check an ``outputs`` selection before any work; returns the chosen keys (all of :data:`OUTPUT_CHOICES` for
+    ``None``; then the inverse outputs only when ``inverse``).
+
+    Raises:
+        ValueError: an unknown name, an empty selection, or an inverse output chosen with ``inverse=False``.
+        ImportError: a ``.h5`` output chosen in an environment without h5py (naming the fix).
+    """
+    if outputs is None:
+        chosen = [k for k in OUTPUT_CHOICES if inverse or k not in INVERSE_OUTPUTS]
+    else:
+        if isinstance(outputs, str):
+            raise TypeError(f"outputs must be a sequence of names, not the string {outputs!r}.")
+        chosen = list(dict.fromkeys(str(o) for o in outputs))
+        unknown = [o for o in chosen if o not in OUTPUT_CHOICES]
+        if unknown or not chosen:
+            raise ValueError(f"Unknown outputs {unknown}; choose from {', '.join(OUTPUT_CHOICES)}." if unknown else
+                             f"No outputs chosen; choose from {', '.join(OUTPUT_CHOICES)}.")
+        needs_inverse = [o for o in chosen if o in INVERSE_OUTPUTS]
+        if needs_inverse and not inverse:
+            raise ValueError(f"{', '.join(needs_inverse)} was asked for but the inverse is not computed "
+                             "(inverse=False).")
+    if "transform" in chosen or "inverse_transform" in chosen:
+        require_h5py()
+    return chosen
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -117,6 +192,16 @@ def _result_files(folder: str) -> set[str] | None:
     if not isinstance(outputs, list):
         return None
     return {str(o) for o in outputs} | {OUTPUT_FILES["summary"]}
+
+
+def is_complete_result(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds one complete result of this project: a ``summary.json`` with the
+    :data:`RESULT_MARKER` whose ``outputs`` are all present as files (what :func:`write_result_folder` leaves)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return False
+    written = _result_files(folder)
+    return written is not None and all(os.path.isfile(os.path.join(folder, name)) for name in written)
 
 
 def check_result_folder(
@@ -244,19 +329,23 @@ def read_label_image(path_or_image: Image | str | os.PathLike, name: str = "labe
 
 
 def warp_with_field(
-    image: Image, displacement: np.ndarray, target: Grid, labels: bool, padding_mode: str | None = None
+    image: Image, displacement: np.ndarray, target: Grid, labels: bool, padding_mode: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Resample ``image`` (in the moving image's world space, any grid) onto ``target`` through a world-mm field
-    ``[dim, *target.shape]``. Labels: nearest neighbour, zero outside, dtype kept; images: linear, border, float32."""
+    ``[dim, *target.shape]``. Labels: nearest neighbour, zero outside, dtype kept; images: linear, border, float32.
+    ``device``: where the resampling is computed (the result is a numpy array either way)."""
     if image.ndim != target.ndim:
         raise ValueError(f"The image to warp is {image.ndim}D but the transform is {target.ndim}D.")
     if labels:
         image = read_label_image(image, "label map")
-        out = warp_physical(image.array, Grid.of(image), displacement, target, "nearest", padding_mode or "zeros")
+        out = warp_physical(image.array, Grid.of(image), displacement, target, "nearest", padding_mode or "zeros",
+                            device)
         return out.astype(image.array.dtype)
     if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
         raise ValueError(f"The image to warp {image.path or ''} contains NaN or infinite voxels.")
-    return warp_physical(image.array, Grid.of(image), displacement, target, "bilinear", padding_mode or "border")
+    return warp_physical(image.array, Grid.of(image), displacement, target, "bilinear", padding_mode or "border",
+                         device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +362,7 @@ class RegistrationResult:
         transforms: ``phi_ab`` / ``phi_ba`` in the file's axis order (normalized coordinates of the file-order
             network grid ``settings.file_order_shape``); use :meth:`fixed_to_moving` for world points.
         fields: the arrays on the original grids.
-        card: the weights' model card.
+        card: the weights' model card (None for ``method="optimize"``: no weights).
         timings: seconds per stage.
         extra: further JSON-able facts a door adds to the summary (weights path, ...).
     """
@@ -281,7 +370,7 @@ class RegistrationResult:
     prepared: PreparedPair
     transforms: NetworkTransforms
     fields: OriginalGridFields
-    card: ModelCard
+    card: ModelCard | None
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -347,20 +436,64 @@ class RegistrationResult:
         """Map fixed-image world points ``[K, dim]`` (RAS mm) to moving world points with ``Phi_AB`` (the transform
         itself, per the settings' scheme; no dense field)."""
         return map_points(self.phi_ab, points_world, Grid.of(self.fixed), Grid.of(self.prepared.moving_oriented),
-                          self.settings.file_order_shape, self.device)
+                          self.settings.file_order_shape, self.device, post=self.prepared.prealign)
 
     def moving_to_fixed(self, points_world: np.ndarray) -> np.ndarray:
         """Map moving-image world points ``[K, dim]`` (RAS mm) to fixed world points with ``Phi_BA``."""
         if self.phi_ba is None:
             raise ValueError("The inverse transform was not computed (inverse=False).")
         return map_points(self.phi_ba, points_world, Grid.of(self.prepared.moving_oriented), Grid.of(self.fixed),
-                          self.settings.file_order_shape, self.device)
+                          self.settings.file_order_shape, self.device, pre=self.prepared.prealign_inverse)
 
     def warp(self, image: Image | str | os.PathLike, labels: bool = False, padding_mode: str | None = None) -> np.ndarray:
         """Resample another image defined in the moving image's world space onto the fixed grid (see
         :func:`warp_with_field`)."""
         img = as_image(image, "image to warp")
         return warp_with_field(img, self.displacement, Grid.of(self.fixed), labels, padding_mode)
+
+    # -- the two parts of the transform (ITK files) -------------------------------------------------------------------
+    def deformable_displacement(self) -> np.ndarray:
+        """The network's deformation alone, ``[dim, *S_fixed]`` float32 world RAS mm on the fixed grid: fixed point
+        ``x`` -> ``x + d(x)`` in the world of the image the network registered (``prepared.moving_oriented``: the
+        moving image resampled through the pre-alignment ``M`` onto the fixed grid). ``M(x + d(x)) = x + u(x)`` with
+        ``u`` = :attr:`displacement`; without a pre-alignment ``d = u`` (returned as is)."""
+        if self.prepared.prealign is None:
+            return self.displacement
+        return physical_displacement(self.phi_ab, Grid.of(self.fixed), Grid.of(self.prepared.moving_oriented),
+                                     self.settings.file_order_shape, self.device)
+
+    def inverse_deformable_displacement(self) -> tuple[np.ndarray, Grid]:
+        """The network's inverse deformation alone and its grid: ``([dim, *S], grid)``, float32 world RAS mm; point
+        ``y`` of the registered moving image's world -> fixed point ``y + e(y)``, on the grid of
+        ``prepared.moving_oriented`` (the fixed grid with a pre-alignment; without one the moving image's stored
+        grid, where ``e`` = :attr:`inverse_displacement`). The inverse of the whole transform is ``y -> e(M^-1 y)``.
+
+        Raises:
+            ValueError: the inverse was not computed.
+        """
+        if self.phi_ba is None or self.inverse_displacement is None:
+            raise ValueError("The inverse transform was not computed (inverse=False).")
+        if self.prepared.prealign is None:
+            return self.inverse_displacement, Grid.of(self.moving)
+        paired = Grid.of(self.prepared.moving_oriented)
+        field_ = physical_displacement(self.phi_ba, paired, Grid.of(self.fixed), self.settings.file_order_shape,
+                                       self.device, output=paired)
+        return field_, paired
+
+    def itk_transform(self, inverse: bool = False) -> list[ITKComponent]:
+        """The transform as ITK composite components (:func:`monai_gradicon.itk_transforms.write_itk_composite`; ITK's
+        order, the last applied first).
+
+        ``inverse=False``: ``[ITKAffine(M), ITKDisplacementField(d, fixed grid)]``, fixed point ``x`` -> moving point
+        ``M(x + d(x))`` (the resampling transform of the moving image onto the fixed grid). ``inverse=True``:
+        ``[ITKDisplacementField(e, grid), ITKAffine(M^-1)]``, moving point ``y`` -> fixed point ``e(M^-1 y)``. ``M``
+        is the affine pre-alignment, the identity without one (the layout stays the same)."""
+        ndim = self.fixed.ndim
+        matrix = np.eye(ndim + 1) if self.prepared.prealign is None else np.asarray(self.prepared.prealign)
+        if not inverse:
+            return [ITKAffine(matrix), ITKDisplacementField(self.deformable_displacement(), Grid.of(self.fixed))]
+        field_, grid = self.inverse_deformable_displacement()
+        return [ITKDisplacementField(field_, grid), ITKAffine(np.linalg.inv(matrix))]
 
     # -- summary and files ------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -376,7 +509,12 @@ class RegistrationResult:
                                         "details": v.details} for k, v in inputs.automatic_masks.items()}},
             "settings": self.settings.to_dict(),
             "moving_reoriented_for_network": self.prepared.reoriented,
-            "model_card": self.card.to_dict(),
+            "prealign": None if self.prepared.prealign is None else {
+                "matrix_fixed_to_moving_ras": np.round(self.prepared.prealign, 8).tolist(),
+                "file": OUTPUT_FILES["affine"],
+                "seconds": self.prepared.prealign_result.seconds,
+            },
+            "model_card": None if self.card is None else self.card.to_dict(),
             "device": self.device,
             "timings_seconds": {k: round(v, 3) for k, v in self.timings.items()},
             "folds": {
@@ -405,35 +543,39 @@ class RegistrationResult:
 
         Args:
             overview: include ``overview.png``.
-            outputs: keys of :data:`OUTPUT_FILES` to write (``warped``, ``ddf``, ``displacement``,
-                ``inverse_displacement``, ``jacobian``, ``overview``); default all. The summary and computed lung
-                masks are always written.
+            outputs: keys of :data:`OUTPUT_CHOICES` to write (``warped``, ``ddf``, ``displacement``,
+                ``inverse_displacement``, ``transform``, ``inverse_transform``, ``jacobian``, ``overview``); default
+                all (the inverse ones when the inverse was computed). The summary, the pre-alignment's ``.tfm`` and
+                computed lung masks are always written.
+
+        Raises:
+            ValueError: an unknown output, or an inverse output chosen when the inverse was not computed.
+            ImportError: a ``.h5`` output without h5py.
         """
-        choosable = ("warped", "ddf", "displacement", "inverse_displacement", "jacobian", "overview")
-        wanted = set(choosable if outputs is None else outputs)
-        unknown = sorted(wanted - set(choosable))
-        if unknown:
-            raise ValueError(f"Unknown outputs {unknown}; choose from {', '.join(choosable)}.")
+        wanted = set(check_outputs(outputs, self.inverse_displacement is not None))
         if not overview:
             wanted.discard("overview")
-        if "inverse_displacement" in wanted and outputs is not None and self.inverse_displacement is None:
-            raise ValueError("inverse_displacement was asked for but the inverse was not computed (inverse=False).")
         affine = self.fixed.affine
-        writers: dict[str, Callable[[str], Any]] = {
-            OUTPUT_FILES["warped"]: lambda p: write_nifti(p, np.asarray(self.warped_moving, dtype=np.float32), affine),
-            OUTPUT_FILES["ddf"]: lambda p: write_nifti(p, _channels_last(self.ddf), affine),
-            OUTPUT_FILES["displacement"]: lambda p: write_displacement_field(p, self.displacement, affine),
+        makers: dict[str, Callable[[str], Any]] = {
+            "warped": lambda p: write_nifti(p, np.asarray(self.warped_moving, dtype=np.float32), affine),
+            "ddf": lambda p: write_nifti(p, _channels_last(self.ddf), affine),
+            "displacement": lambda p: write_displacement_field(p, self.displacement, affine),
+            "inverse_displacement": lambda p: write_displacement_field(p, self.inverse_displacement,
+                                                                       self.moving.affine),
+            "transform": lambda p: write_itk_composite(p, self.itk_transform()),
+            "inverse_transform": lambda p: write_itk_composite(p, self.itk_transform(inverse=True)),
+            "jacobian": lambda p: write_nifti(p, np.asarray(self.jacobian, np.float32), affine),
+            "overview": self.save_overview,
         }
-        if self.inverse_displacement is not None:
-            writers[OUTPUT_FILES["inverse_displacement"]] = lambda p: write_displacement_field(
-                p, self.inverse_displacement, self.moving.affine)
-        writers[OUTPUT_FILES["jacobian"]] = lambda p: write_nifti(p, np.asarray(self.jacobian, np.float32), affine)
-        if "overview" in wanted:
-            writers[OUTPUT_FILES["overview"]] = self.save_overview
-        for key in [k for k in ("warped", "ddf", "displacement", "inverse_displacement", "jacobian") if k not in wanted]:
-            writers.pop(OUTPUT_FILES[key], None)
+        writers: dict[str, Callable[[str], Any]] = {
+            OUTPUT_FILES[key]: makers[key] for key in OUTPUT_CHOICES if key in wanted}
+        if self.prepared.prealign is not None:
+            from monai_gradicon.affine import write_itk_affine
+
+            writers[OUTPUT_FILES["affine"]] = lambda p: write_itk_affine(p, self.prepared.prealign_result.matrix,
+                                                                        self.fixed.ndim)
         for which, mask in self.prepared.inputs.automatic_masks.items():
-            image = getattr(self.prepared.inputs, which)
+            image = self.prepared.inputs.fixed if which == "fixed" else self.prepared.inputs.moving
             writers[OUTPUT_FILES[f"{which}_mask"]] = (
                 lambda p, m=mask, a=image.affine: write_nifti(p, m.mask.astype(np.uint8), a))
         names = [*writers, OUTPUT_FILES["summary"]]
@@ -456,12 +598,13 @@ class RegistrationResult:
         inputs = [p for p in (self.fixed.path, self.moving.path, *protect) if p]
         return write_result_folder(output_dir, self.file_writers(overview, outputs), inputs, overwrite)
 
-    def save_overview(self, path: str) -> None:
-        """The overview PNG: fixed, moving (box-aligned), warped, difference, deformation grid, det J."""
+    def save_overview(self, path: str, slices: Sequence[int] | None = None) -> None:
+        """The overview PNG: fixed, moving (box-aligned), warped, difference, deformation grid, det J; 3D: through
+        ``slices`` (one fixed-grid index per axis; default the central slices)."""
         from monai_gradicon.visualize import save_overview_png
 
         fixed_grid = Grid.of(self.fixed)
-        moving = self.prepared.moving_oriented
+        moving = self.prepared.moving_oriented  # the image the network registered (pre-aligned, if it was)
         moving_grid = Grid.of(moving)
         shape = self.settings.file_order_shape
         # Resizing both images to the network shape matches their bounding boxes: the network starts there. Show the
@@ -469,7 +612,9 @@ class RegistrationResult:
         box = physical_displacement(_Identity(), fixed_grid, moving_grid, shape)
         moving_box = warp_physical(moving.array, moving_grid, box, fixed_grid)
         del box
-        deformation = box_relative_ddf(self.displacement, fixed_grid, moving_grid, shape)
+        network_part = self.displacement if self.prepared.prealign is None else physical_displacement(
+            self.phi_ab, fixed_grid, moving_grid, shape, self.device)
+        deformation = box_relative_ddf(network_part, fixed_grid, moving_grid, shape)
         save_overview_png(
             path,
             self.fixed.array.astype(np.float32),
@@ -480,6 +625,7 @@ class RegistrationResult:
             spacing=self.fixed.spacing,
             title=f"{_name(self.moving)} -> {_name(self.fixed)} (moving box-aligned; det J physical; "
             f"folds {self.folds_percent:.3f}%)",
+            slices=slices,
         )
 
 

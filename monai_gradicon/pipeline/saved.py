@@ -45,15 +45,16 @@ def load_saved(transform_dir: str | os.PathLike) -> tuple[np.ndarray, Grid, np.n
 
 def apply_saved_transform(
     transform_dir: str | os.PathLike, image: Image | str | os.PathLike, labels: bool = False,
-    padding_mode: str | None = None,
+    padding_mode: str | None = None, device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warp an image (in the moving image's world space, any grid) onto the fixed grid with a saved result.
 
     Returns ``(array on the fixed grid, 4 x 4 fixed affine)``. Labels: nearest neighbour, zero outside, dtype kept.
+    ``device``: where the resampling is computed.
     """
     u, grid, affine = load_saved(transform_dir)
     img = read_label_image(image, "label map") if labels else as_image(image, "image to warp")
-    return warp_with_field(img, u, grid, labels, padding_mode), affine
+    return warp_with_field(img, u, grid, labels, padding_mode, device), affine
 
 
 def landmarks_to_world(points: np.ndarray, frame: str, affine: np.ndarray, index_base: int, name: str) -> np.ndarray:
@@ -106,6 +107,7 @@ def evaluate_saved(
     index_base: int = 0,
     fixed_labels: str | os.PathLike | Image | None = None,
     moving_labels: str | os.PathLike | Image | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Metrics of a saved registration.
 
@@ -116,6 +118,7 @@ def evaluate_saved(
             0 or 1), ``"ras"`` or ``"lps"`` (world mm).
         fixed_labels, moving_labels: label maps on the fixed / moving grids; the moving one is warped with nearest
             neighbour and compared with the fixed one (Dice per label).
+        device: where det J (folds, SDlogJ) and the label warping are computed.
 
     Returns:
         dict with ``folds_percent`` and ``log_jacobian_std`` (always), ``tre_fixed_to_moving`` (``Phi_AB`` applied to
@@ -127,7 +130,7 @@ def evaluate_saved(
 
     transform_dir = os.fspath(transform_dir)
     u, fixed_grid, fixed_affine = load_saved(transform_dir)
-    ddf = torch.from_numpy(displacement_to_ddf(u, fixed_grid))[None]
+    ddf = torch.from_numpy(displacement_to_ddf(u, fixed_grid))[None].to(device)
     result: dict[str, Any] = {
         "transform_dir": os.path.abspath(transform_dir),
         "folds_percent": float(folding_percentage(ddf)[0]),
@@ -178,7 +181,7 @@ def evaluate_saved(
                 f"The fixed label map (shape {f_lab.shape}) is not on the fixed image's grid {fixed_grid.shape}."
             )
         m_lab = read_label_image(moving_labels, "moving label map")
-        warped = warp_with_field(m_lab, u, fixed_grid, True, None)
+        warped = warp_with_field(m_lab, u, fixed_grid, True, None, device)
         dice = dice_per_label(torch.from_numpy(warped.astype(np.int64)), torch.from_numpy(f_lab.array.astype(np.int64)))
         result["dice"] = {str(k): v for k, v in dice.items()}
     return result
