@@ -7,6 +7,9 @@ Commands (``<command> --help`` shows each one's options):
   folder per pair and a summary table (a failing pair is recorded, the others go on; exit status 1 if any failed);
 * ``warp``      apply a saved result to another image or a label map;
 * ``evaluate``  landmark error (both directions), Dice per label, folds and smoothness of a saved result;
+* ``export``    a saved result in another tool's format (``--format learn2reg``: the Learn2Reg submission field);
+* ``evaluate-learn2reg``  score a folder of predictions of a Learn2Reg split (TRE/TRE30, Dice/Dice30, HD95, SDlogJ,
+  non-diffeomorphic volume), per pair and aggregated, JSON + CSV;
 * ``convert-weights``  turn a released GradICON / uniGradICON weight file (or one without a model card) into a
   weight file of this project with its model card, optionally straight into a bundle.
 
@@ -70,8 +73,8 @@ from monai_gradicon.pipeline.saved import LANDMARK_FRAMES, apply_saved_transform
 from monai_gradicon.data.preprocessing import PREPROCESSING
 from monai_gradicon.weights import WeightFileError, convert_weights as convert_weight_file, load_weights, parse_shape
 
-__all__ = ["main", "register", "register_batch", "warp", "evaluate", "convert_weights", "COMMANDS", "BUNDLES_DIR",
-           "MODALITY_BUNDLES"]
+__all__ = ["main", "register", "register_batch", "warp", "evaluate", "export", "evaluate_learn2reg",
+           "convert_weights", "COMMANDS", "BUNDLES_DIR", "MODALITY_BUNDLES", "EXPORT_FORMATS"]
 
 _USER_ERRORS = (
     ImportError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
@@ -225,6 +228,7 @@ class _RunOptions:
     seed: int
     inverse: bool
     overview: bool
+    qc: bool
     overwrite: bool
     progress: bool
     outputs: list[str] | None
@@ -253,7 +257,7 @@ def _run_options(
     *, modality: Any, weights: Any, io_iterations: Any, io_lr: Any, preprocess: Any, input_shape: Any,
     orientation: Any, transform_scheme: Any, padding_mode: Any, auto_masks: Any, prealign: Any,
     prealign_similarity: Any, memory_limit_gb: Any, outputs: Any, device: Any, inverse: Any, overview: Any,
-    overwrite: Any, seed: Any, progress: Any, method: Any, io_method: Any, io_sim: Any, io_mask_loss: Any,
+    overwrite: Any, seed: Any, progress: Any, qc: Any, method: Any, io_method: Any, io_sim: Any, io_mask_loss: Any,
     io_dice_weight: Any, opt_lambda: Any, opt_levels: Any, opt_iterations: Any, opt_lr: Any, opt_similarity: Any,
 ) -> _RunOptions:
     """Check the shared flags (names, types, values, how they combine; the weight file exists) before any work."""
@@ -299,12 +303,15 @@ def _run_options(
     _choice(prealign, "prealign", tuple(PREALIGNMENTS))
     _choice(prealign_similarity, "prealign_similarity", ("mi", "lncc"))
     for value, name in ((inverse, "inverse"), (overview, "overview"), (overwrite, "overwrite"), (progress, "progress"),
-                        (auto_masks, "auto_masks")):
+                        (auto_masks, "auto_masks"), (qc, "qc")):
         _switch(value, name)
     chosen = _outputs(outputs)
     if chosen is not None and not any(k in INVERSE_OUTPUTS for k in chosen):
         inverse = False
     check_outputs(chosen, inverse)  # unknown names, an inverse output with --noinverse, h5py present
+    if qc and not inverse:
+        raise ValueError("--qc measures inverse consistency and needs the inverse: drop --noinverse (and keep an "
+                         "inverse output in --outputs).")
     dev = resolve_device(device)
     shape_arg = input_shape if isinstance(input_shape, int) and not isinstance(input_shape, bool) else \
         parse_shape(input_shape, "--input_shape")
@@ -320,7 +327,7 @@ def _run_options(
         io_iterations=io_iterations, io_lr=io_lr, io_method=io_method, io_sim=io_sim, io_mask_loss=io_mask_loss,
         io_dice_weight=io_dice_weight, method=method, opt_lambda=opt_lambda, opt_levels=opt_levels,
         opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity, seed=seed, inverse=inverse,
-        overview=overview, overwrite=overwrite, progress=progress, outputs=chosen, memory_limit_gb=limit, device=dev,
+        overview=overview, qc=qc, overwrite=overwrite, progress=progress, outputs=chosen, memory_limit_gb=limit, device=dev,
     )
 
 
@@ -437,7 +444,7 @@ def _register_and_save(
                                         "dice_weight": opts.io_dice_weight}
     t = time.perf_counter()
     paths = result.save(output_dir, overwrite=opts.overwrite, protect=[p for p in (opts.weights,) if p],
-                        overview=opts.overview, outputs=opts.outputs)
+                        overview=opts.overview, outputs=opts.outputs, qc=opts.qc)
     result.timings["write"] = time.perf_counter() - t
     return result, paths
 
@@ -477,6 +484,7 @@ def register(
     device: str = "auto",
     inverse: bool = True,
     overview: bool = True,
+    qc: bool = False,
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
@@ -561,6 +569,9 @@ def register(
         device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
         inverse: also write the inverse (moving -> fixed) displacement; --noinverse skips it.
         overview: write overview.png; --nooverview skips it.
+        qc: also write a QC report: qc_report.html (self-contained page), qc_overview.png (slices through the
+            anatomy), qc_inverse_consistency.png and qc_inverse_consistency_mm.nii.gz (|Phi_BA(Phi_AB(x)) - x| in mm
+            on the fixed grid), qc.json (its statistics, folds, SDlogJ, non-diffeomorphic volume).
         overwrite: replace a previous result folder at OUTPUT_DIR (as a whole).
         seed: seed of the instance-optimization noise.
         progress: show the progress bar (--noprogress hides it).
@@ -578,7 +589,7 @@ def register(
         input_shape=input_shape, orientation=orientation, transform_scheme=transform_scheme, padding_mode=padding_mode,
         auto_masks=auto_masks, prealign=prealign, prealign_similarity=prealign_similarity,
         memory_limit_gb=memory_limit_gb, outputs=outputs, device=device, inverse=inverse, overview=overview,
-        overwrite=overwrite, seed=seed, progress=progress, method=method, io_method=io_method, io_sim=io_sim,
+        overwrite=overwrite, seed=seed, progress=progress, qc=qc, method=method, io_method=io_method, io_sim=io_sim,
         io_mask_loss=io_mask_loss, io_dice_weight=io_dice_weight, opt_lambda=opt_lambda, opt_levels=opt_levels,
         opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity,
     )
@@ -828,6 +839,7 @@ def register_batch(
     device: str = "auto",
     inverse: bool = True,
     overview: bool = True,
+    qc: bool = False,
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = False,
@@ -863,7 +875,7 @@ def register_batch(
             interruption); without it (or --overwrite) an existing result is an error.
         modality, weights, method, io_iterations, io_lr, io_method, io_sim, io_mask_loss, opt_lambda, opt_levels,
         opt_iterations, opt_lr, opt_similarity, preprocess, input_shape, orientation, transform_scheme,
-        padding_mode, auto_masks, prealign, prealign_similarity, outputs, inverse, overview, seed: as for register,
+        padding_mode, auto_masks, prealign, prealign_similarity, outputs, inverse, overview, qc, seed: as for register,
             the same for every pair (--io_mask_loss uses each pair's masks; segmentations and --io_dice_weight are
             register's only).
         memory_limit_gb: refuse the batch, before any work, if a pair's predicted peak memory exceeds this many GiB;
@@ -894,7 +906,7 @@ def register_batch(
         input_shape=input_shape, orientation=orientation, transform_scheme=transform_scheme, padding_mode=padding_mode,
         auto_masks=auto_masks, prealign=prealign, prealign_similarity=prealign_similarity,
         memory_limit_gb=memory_limit_gb, outputs=outputs, device=device, inverse=inverse, overview=overview,
-        overwrite=overwrite, seed=seed, progress=progress, method=method, io_method=io_method, io_sim=io_sim,
+        overwrite=overwrite, seed=seed, progress=progress, qc=qc, method=method, io_method=io_method, io_sim=io_sim,
         io_mask_loss=io_mask_loss, io_dice_weight=0.0, opt_lambda=opt_lambda, opt_levels=opt_levels,
         opt_iterations=opt_iterations, opt_lr=opt_lr, opt_similarity=opt_similarity,
     )
@@ -947,9 +959,141 @@ def register_batch(
                                  "to retry only the missing pairs.")
 
 
+EXPORT_FORMATS = ("learn2reg",)
+"""Formats :func:`export` writes."""
+
+
+def export(
+    transform_dir: str | None = None,
+    output: str | None = None,
+    format: str = "learn2reg",  # noqa: A002 (the flag's name)
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> None:
+    """Write a saved registration (a folder written by register) in another tool's format.
+
+    --format learn2reg: the Learn2Reg submission field of Phi_AB: (X, Y, Z, 3) float voxels on the fixed grid in the
+    scipy.ndimage.map_coordinates convention (fixed voxel x corresponds to moving voxel x + d(x), indices of the
+    moving image as stored). Name it disp_FFFF_MMMM.nii.gz (or .npz) for a submission; evaluate-learn2reg scores a
+    folder of them (or of result folders) directly.
+
+    Args:
+        transform_dir: folder written by register.
+        output: the field file, ending in .nii.gz or .npz; never inside TRANSFORM_DIR.
+        format: learn2reg.
+        dtype: float32 (default) or float16 (.npz only: half the size, ~0.01 voxel rounding at 20 voxels).
+        overwrite: replace an existing OUTPUT.
+    """
+    from monai_gradicon.pipeline.learn2reg import FIELD_DTYPES, export_saved_learn2reg
+
+    tdir, out_p = _path(transform_dir, "transform_dir"), _path(output, "output")
+    _choice(format, "format", EXPORT_FORMATS)
+    _choice(dtype, "dtype", FIELD_DTYPES)
+    _switch(overwrite, "overwrite")
+    if not os.path.isdir(tdir):
+        raise NotADirectoryError(f"--transform_dir {tdir} is not a folder written by register.")
+    _check_output_file(out_p, [], overwrite, inside_forbidden=[tdir], suffixes=(".nii.gz", ".npz"))
+    path = export_saved_learn2reg(tdir, out_p, dtype)
+    _say(f"Wrote {path} (Learn2Reg field, {dtype}, fixed voxel x -> moving voxel x + d(x)).")
+
+
+def evaluate_learn2reg(
+    dataset_json: str | None = None,
+    predictions: str | None = None,
+    output_dir: str | None = None,
+    metrics: Any = None,
+    split: str = "validation",
+    data_root: str | None = None,
+    labels: Any = None,
+    keypoints: str = "keypoints",
+    masked_evaluation: bool = False,
+    hd95_units: str = "mm",
+    ndv_mask: str = "none",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Score a folder of predictions of a Learn2Reg split as the official evaluation does, per pair and aggregated
+    (mean, std and the 0.3 quantile over cases: TRE30, DSC30), into OUTPUT_DIR/metrics.json and metrics.csv.
+
+    Args:
+        dataset_json: the task's *_dataset.json (NLST_dataset.json, OASIS_dataset.json, ...).
+        predictions: a folder with, per pair, a field disp_FFFF_MMMM.nii.gz / .npz (export --format learn2reg) or a
+            result folder of this project named disp_FFFF_MMMM (register-batch --dataset_json writes those).
+        output_dir: where metrics.json and metrics.csv go (created if missing; existing ones need --overwrite).
+        metrics: comma-separated selection of tre, dice, hd95, sdlogj, ndv (NLST: tre,sdlogj,ndv; OASIS:
+            dice,hd95,sdlogj,ndv).
+        split: training, validation (default) or test.
+        data_root: the folder the JSON's paths are relative to (default: the JSON's folder).
+        labels: the labels dice / hd95 score, e.g. 1-35 or 1,2,3 (OASIS: 1-35).
+        keypoints: the keypoint folder stem (keypoints, or landmarks for manual landmarks).
+        masked_evaluation: SDlogJ inside the fixed image's mask (the official option).
+        hd95_units: mm (default) or voxels (unit spacing, as the official script).
+        ndv_mask: none (every interior voxel), moving_image (voxels where the moving image > 0, as LUMIR) or
+            fixed_mask.
+        overwrite: replace metrics.json / metrics.csv in OUTPUT_DIR.
+        progress: one line per pair.
+    """
+    from monai_gradicon.pipeline.learn2reg import LEARN2REG_METRICS, NDV_MASKS
+    from monai_gradicon.pipeline.learn2reg import evaluate_learn2reg as evaluate_pairs
+
+    json_p = _existing_file(_path(dataset_json, "dataset_json"), "Learn2Reg dataset JSON")
+    pred_p, out_dir = _path(predictions, "predictions"), _path(output_dir, "output_dir")
+    root_p = _path(data_root, "data_root", False)
+    if metrics is None:
+        raise ValueError(f"--metrics is required: a comma-separated selection of {', '.join(LEARN2REG_METRICS)}.")
+    chosen = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if str(m).strip()]
+    for m in chosen:
+        _choice(m, "metrics", LEARN2REG_METRICS)
+    _choice(split, "split", tuple(LEARN2REG_SPLITS))
+    _choice(hd95_units, "hd95_units", ("mm", "voxels"))
+    _choice(ndv_mask, "ndv_mask", NDV_MASKS)
+    for value, name in ((masked_evaluation, "masked_evaluation"), (overwrite, "overwrite"), (progress, "progress")):
+        _switch(value, name)
+    label_list = _labels(labels)
+    if not os.path.isdir(pred_p):
+        raise NotADirectoryError(f"--predictions {pred_p} is not a folder.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"--output_dir {out_dir} exists and is not a folder.")
+    os.makedirs(out_dir, exist_ok=True)  # an empty folder at worst; unwritable places fail here, before the work
+    targets = {kind: os.path.join(out_dir, f"metrics.{kind}") for kind in ("json", "csv")}
+    for target in targets.values():
+        _check_output_file(target, [json_p], overwrite, inside_forbidden=[], suffixes=(os.path.splitext(target)[1],))
+    evaluation = evaluate_pairs(json_p, pred_p, metrics=chosen, split=split, data_root=root_p, labels=label_list,
+                                keypoints=keypoints, masked_evaluation=masked_evaluation, hd95_units=hd95_units,
+                                ndv_mask=ndv_mask, progress=progress)
+    evaluation.write_csv(targets["csv"])
+    evaluation.write_json(targets["json"])
+    print("\n".join(f"{column}: mean {agg['mean']:.4f}, std {agg['std']:.4f}, 30% {agg['30']:.4f}"
+                    for column, agg in evaluation.aggregates.items()))
+    _say(f"Wrote {targets['json']} and {targets['csv']} ({len(evaluation.cases)} pairs).")
+
+
+def _labels(value: Any) -> list[int] | None:
+    """``--labels 1-35`` / ``1,2,3`` / ``(1, 2)`` -> a list of ints (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out: list[int] = []
+    try:
+        for part in parts:
+            text = str(part).strip()
+            if "-" in text:
+                lo, hi = text.split("-", 1)
+                out += list(range(int(lo), int(hi) + 1))
+            elif text:
+                out.append(int(text))
+    except ValueError as exc:
+        raise ValueError(f"--labels must be whole numbers and ranges like 1-35 or 1,2,3; got {value!r}.") from exc
+    if not out:
+        raise ValueError(f"--labels is empty: {value!r}.")
+    return out
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "register": register, "register-batch": register_batch, "warp": warp, "evaluate": evaluate,
-    "convert-weights": convert_weights,
+    "export": export, "evaluate-learn2reg": evaluate_learn2reg, "convert-weights": convert_weights,
 }
 
 

@@ -538,11 +538,14 @@ class RegistrationResult:
             **self.extra,
         }
 
-    def file_writers(self, overview: bool = True, outputs: Sequence[str] | None = None) -> dict[str, Callable[[str], Any]]:
+    def file_writers(self, overview: bool = True, outputs: Sequence[str] | None = None,
+                     qc: bool = False) -> dict[str, Callable[[str], Any]]:
         """``{file name: write(path)}`` for the output files, the summary last.
 
         Args:
             overview: include ``overview.png``.
+            qc: include the QC report (:func:`monai_gradicon.pipeline.qc.write_qc_report`: the ``qc_*`` files and
+                ``qc_report.html``, written together by the report's writer; needs the inverse).
             outputs: keys of :data:`OUTPUT_CHOICES` to write (``warped``, ``ddf``, ``displacement``,
                 ``inverse_displacement``, ``transform``, ``inverse_transform``, ``jacobian``, ``overview``); default
                 all (the inverse ones when the inverse was computed). The summary, the pre-alignment's ``.tfm`` and
@@ -553,6 +556,9 @@ class RegistrationResult:
             ImportError: a ``.h5`` output without h5py.
         """
         wanted = set(check_outputs(outputs, self.inverse_displacement is not None))
+        if qc and self.phi_ba is None:
+            raise ValueError("The QC report needs the inverse transform: register with the inverse (not --noinverse, "
+                             "and an inverse output or the default outputs).")
         if not overview:
             wanted.discard("overview")
         affine = self.fixed.affine
@@ -578,6 +584,14 @@ class RegistrationResult:
             image = self.prepared.inputs.fixed if which == "fixed" else self.prepared.inputs.moving
             writers[OUTPUT_FILES[f"{which}_mask"]] = (
                 lambda p, m=mask, a=image.affine: write_nifti(p, m.mask.astype(np.uint8), a))
+        if qc:
+            from monai_gradicon.pipeline.qc import QC_FILES, write_qc_report
+
+            def report(path: str) -> None:  # every QC file at once (one inverse-consistency computation)
+                write_qc_report(self, os.path.dirname(path))
+
+            for key, name in QC_FILES.items():  # listed so the folder's summary names them; the report writes them
+                writers[name] = report if key == "report" else _written_by_the_report
         names = [*writers, OUTPUT_FILES["summary"]]
 
         def summary(path: str) -> None:
@@ -589,14 +603,14 @@ class RegistrationResult:
         return writers
 
     def save(self, output_dir: str | os.PathLike, overwrite: bool = False, protect: Sequence[str | os.PathLike] = (),
-             overview: bool = True, outputs: Sequence[str] | None = None) -> dict[str, str]:
+             overview: bool = True, outputs: Sequence[str] | None = None, qc: bool = False) -> dict[str, str]:
         """Write the result folder as a whole (:func:`write_result_folder`); returns ``{file name: path}``.
 
         Refuses (before writing anything) a folder holding an input or a file in ``protect``, a folder with files
-        that are not a previous result, or a previous result without ``overwrite``. ``outputs``: see
+        that are not a previous result, or a previous result without ``overwrite``. ``outputs``, ``qc``: see
         :meth:`file_writers`."""
         inputs = [p for p in (self.fixed.path, self.moving.path, *protect) if p]
-        return write_result_folder(output_dir, self.file_writers(overview, outputs), inputs, overwrite)
+        return write_result_folder(output_dir, self.file_writers(overview, outputs, qc), inputs, overwrite)
 
     def save_overview(self, path: str, slices: Sequence[int] | None = None) -> None:
         """The overview PNG: fixed, moving (box-aligned), warped, difference, deformation grid, det J; 3D: through
@@ -627,6 +641,10 @@ class RegistrationResult:
             f"folds {self.folds_percent:.3f}%)",
             slices=slices,
         )
+
+
+def _written_by_the_report(path: str) -> None:
+    """The writer of a QC file other than the report: the report's writer writes it (nothing to do here)."""
 
 
 class _Identity:
