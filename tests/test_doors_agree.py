@@ -131,3 +131,34 @@ def test_all_doors_give_the_same_field(case, tmp_path, capsys):
     w_cli = np.asarray(nib.load(tmp_path / "cli" / "warped_moving.nii.gz").dataobj)
     w_bundle = np.asarray(nib.load(tmp_path / "bundle" / "pair_warped.nii.gz").dataobj)
     assert np.abs(w_cli - w_bundle).max() <= 0.5  # HU; slopes up to ~1000 HU/mm times the 1e-4 mm field rounding
+
+
+def test_prealigned_doors_agree(case, tmp_path, capsys):
+    """With an affine pre-alignment the bundle's inference (its config's ``prealign`` override) and the command line
+    give the Python API's field: the pre-alignment is one stage of the one pipeline, not a door's own step."""
+    d, bundle, net = case
+    fixed, moving, fmask, mmask = d / "fixed.nii.gz", d / "moving.nrrd", d / "fixed_mask.nii.gz", d / "moving_mask.nii.gz"
+    api = register(fixed, moving, net, fixed_mask=fmask, moving_mask=mmask, inverse=False, device="cpu",
+                   prealign="rigid")
+    assert api.prepared.prealign is not None
+    fields = {}
+    code = cli_main(["register", "--fixed", fixed, "--moving", moving, "--fixed_mask", fmask, "--moving_mask", mmask,
+                     "--weights", bundle / "models" / "model.pt", "--io_iterations", "0", "--output_dir",
+                     tmp_path / "cli", "--noinverse", "--nooverview", "--noprogress", "--prealign", "rigid"])
+    assert code == 0, capsys.readouterr().err
+    fields["cli"] = read_displacement_field(tmp_path / "cli" / "displacement_mm.nii.gz")[0]
+    config = bundle / "configs" / "inference.json"
+    original = config.read_text()
+    try:
+        inference = json.loads(original)
+        inference["prealign"] = "rigid"
+        config.write_text(json.dumps(inference))
+        _bundle_inference(bundle, d / "datalist.json", tmp_path / "bundle", net)
+    finally:
+        config.write_text(original)
+    fields["bundle"] = read_displacement_field(tmp_path / "bundle" / "pair_displacement_mm.nii.gz")[0]
+    assert np.abs(api.displacement).max() > 0.5
+    for door, u in fields.items():
+        diff = float(np.abs(u - api.displacement).max())
+        print(f"prealigned {door}: max |u - u_python| = {diff:.2e} mm")
+        assert diff <= TOLERANCE_MM, (door, diff)

@@ -121,6 +121,10 @@ def test_bad_settings_fail_when_the_config_is_parsed():
     with pytest.raises(ValueError, match="use_masks"):
         PrepareNetworkInputd(net, use_masks="maybe")
     assert PrepareNetworkInputd(net, use_masks="false").use_masks is False  # a command-line override's string
+    with pytest.raises(ValueError, match="prealign must be one of"):
+        PrepareNetworkInputd(net, prealign="similarity")
+    with pytest.raises(ValueError, match="prealign_similarity"):
+        OriginalGridOutputsd(net, prealign="rigid", prealign_similarity="ncc")
 
 
 def test_to_network_axes_keeps_world_coordinates():

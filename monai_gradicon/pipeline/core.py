@@ -79,6 +79,7 @@ __all__ = [
     "complete_masks",
     "prepare_pair",
     "prealign_pair",
+    "apply_prealignment",
     "PREALIGNMENTS",
     "METHODS",
     "IO_METHODS",
@@ -609,10 +610,23 @@ def prealign_pair(inputs: PairInputs, settings: RegistrationSettings, device: to
     matrix = np.asarray(result.matrix, dtype=np.float64)
     if matrix.shape == (4, 4) and ndim == 2:
         matrix = matrix[np.ix_([0, 1, 3], [0, 1, 3])]
+    aligned, mask = apply_prealignment(inputs, matrix, device)
+    return matrix, result, aligned, mask
+
+
+def apply_prealignment(inputs: PairInputs, matrix: np.ndarray, device: torch.device | str = "cpu"
+                       ) -> tuple[Image, np.ndarray | None]:
+    """The moving image resampled through a pre-alignment ``matrix`` (``(dim + 1)`` square, fixed world -> moving
+    world, RAS mm) onto the fixed grid (linear, border values), and its mask (nearest neighbour) or None."""
     from monai_gradicon.affine import affine_displacement
 
+    ndim = inputs.fixed.ndim
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (ndim + 1, ndim + 1) or not np.isfinite(matrix).all():
+        raise ValueError(f"A {ndim}D pre-alignment must be a finite {ndim + 1}x{ndim + 1} matrix, got shape "
+                         f"{matrix.shape}.")
     fixed_grid, moving_grid = Grid.of(inputs.fixed), Grid.of(inputs.moving)
-    shift = affine_displacement(result.matrix, fixed_grid)
+    shift = affine_displacement(matrix, fixed_grid)
     aligned = warp_physical(np.asarray(inputs.moving.array, dtype=np.float32), moving_grid, shift, fixed_grid,
                             "bilinear", "border", device)
     mask = None
@@ -622,21 +636,31 @@ def prealign_pair(inputs: PairInputs, settings: RegistrationSettings, device: to
         if not mask.any():
             raise ValueError("After the affine pre-alignment the moving mask lies outside the fixed image's grid: "
                              "the images do not overlap; check them, or register without --prealign.")
-    return matrix, result, Image(array=aligned, affine=inputs.fixed.affine, path=inputs.moving.path), mask
+    return Image(array=aligned, affine=inputs.fixed.affine, path=inputs.moving.path), mask
 
 
-def prepared_from_network_input(inputs: PairInputs, settings: RegistrationSettings,
-                                 network_input: torch.Tensor) -> PreparedPair:
+def prepared_from_network_input(inputs: PairInputs, settings: RegistrationSettings, network_input: torch.Tensor,
+                                prealign: np.ndarray | None = None) -> PreparedPair:
     """A :class:`PreparedPair` around network inputs that were already computed (``[2C, *S]`` or ``[1, 2C, *S]``,
     moving then fixed, file axis order, as :attr:`PreparedPair.network_input`), e.g. by a bundle's preprocessing;
-    the orientation is redone (exact and cheap) for the geometry."""
+    the orientation is redone (exact and cheap) for the geometry, or, when the settings ask for a pre-alignment,
+    ``prealign`` -- the matrix :func:`prealign_pair` found for these inputs -- is applied again (required then)."""
     x = network_input if network_input.ndim == len(settings.input_shape) + 2 else network_input[None]
     c = x.shape[1] // 2
     if tuple(x.shape[2:]) != settings.file_order_shape or x.shape[1] != 2 * c:
         raise ValueError(f"network input of shape {tuple(x.shape)} does not fit the settings' file-order shape "
                          f"{settings.file_order_shape}.")
-    moving, _, reoriented = orient_pair(inputs, settings.orientation)
-    return PreparedPair(inputs, moving, reoriented, x[:, c:].float(), x[:, :c].float(), settings)
+    if settings.prealign == "none":
+        if prealign is not None:
+            raise ValueError("A pre-alignment matrix was given but the settings say prealign 'none'.")
+        moving, _, reoriented = orient_pair(inputs, settings.orientation)
+        return PreparedPair(inputs, moving, reoriented, x[:, c:].float(), x[:, :c].float(), settings)
+    if prealign is None:
+        raise ValueError(f"The settings ask for a {settings.prealign} pre-alignment: pass the matrix prealign_pair "
+                         "found for this pair.")
+    matrix = np.asarray(prealign, dtype=np.float64)
+    moving, _ = apply_prealignment(inputs, matrix)
+    return PreparedPair(inputs, moving, False, x[:, c:].float(), x[:, :c].float(), settings, matrix)
 
 
 def prepare_pair(inputs: PairInputs, settings: RegistrationSettings, network: GradICONNetwork | None = None,

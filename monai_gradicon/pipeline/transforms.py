@@ -34,11 +34,13 @@ from monai_gradicon.io import Image, as_image, read_image, write_displacement_fi
 from monai_gradicon.networks.registration import GradICONDDFNet, GradICONNetwork
 from monai_gradicon.pipeline.core import (
     ORIENTATIONS,
+    PREALIGNMENTS,
     TRANSFORM_SCHEMES,
     NetworkTransforms,
     PairInputs,
     RegistrationSettings,
     complete_masks,
+    prealign_pair,
     prepare_pair,
     prepared_from_network_input,
     read_pair,
@@ -182,7 +184,8 @@ class _PipelineTransform(MapTransform):
                  mask_keys: Sequence[str] | None = ("fixed_label", "moving_label"), use_masks: bool = True,
                  orientation: str = "physical", transform_scheme: str = "grid", padding_mode: str = "border",
                  preprocessing: str | None = None, input_shape: Sequence[int] | None = None,
-                 auto_masks: bool = True) -> None:
+                 auto_masks: bool = True, prealign: str = "none", prealign_similarity: str = "mi",
+                 prealign_key: str = "prealign_matrix") -> None:
         super().__init__([fixed_key, moving_key], allow_missing_keys=False)
         use_masks, auto_masks = config_bool(use_masks, "use_masks"), config_bool(auto_masks, "auto_masks")
         self.auto_masks = auto_masks
@@ -202,12 +205,18 @@ class _PipelineTransform(MapTransform):
             raise ValueError(f"transform_scheme must be one of {TRANSFORM_SCHEMES}, got {transform_scheme!r}.")
         if padding_mode not in ("border", "zeros"):
             raise ValueError(f"padding_mode must be 'border' or 'zeros', got {padding_mode!r}.")
+        if prealign not in PREALIGNMENTS:
+            raise ValueError(f"prealign must be one of {tuple(PREALIGNMENTS)}, got {prealign!r}.")
+        if prealign_similarity not in ("mi", "lncc"):
+            raise ValueError(f"prealign_similarity must be 'mi' or 'lncc', got {prealign_similarity!r}.")
+        self.prealign, self.prealign_similarity, self.prealign_key = prealign, prealign_similarity, prealign_key
 
     def settings(self) -> RegistrationSettings:
         card = _registration_network(self.network).card
         return resolve_settings(card, preprocessing=self.preprocessing, input_shape=self.input_shape,
                                 orientation=self.orientation, transform_scheme=self.transform_scheme, inverse=False,
-                                auto_masks=self.auto_masks and self.use_masks, source="the bundle's weights")
+                                auto_masks=self.auto_masks and self.use_masks, prealign=self.prealign,
+                                prealign_similarity=self.prealign_similarity, source="the bundle's weights")
 
     def inputs(self, d: Mapping, settings: RegistrationSettings | None = None) -> PairInputs:
         """The pair as read; with ``settings``, missing lung masks are completed (:func:`complete_masks`)."""
@@ -219,7 +228,9 @@ class _PipelineTransform(MapTransform):
 
 
 class PrepareNetworkInputd(_PipelineTransform):
-    """Stage 2 of the pipeline: ``output_key`` = ``[2C, *S_net]`` (moving then fixed, file axis order), what
+    """Stages 1b-2 of the pipeline: the affine pre-alignment when ``prealign`` asks for one (its matrix, fixed world
+    -> moving world, ``(dim + 1)`` square float64, goes to ``prealign_key`` for :class:`OriginalGridOutputsd`), then
+    ``output_key`` = ``[2C, *S_net]`` (moving then fixed, file axis order), what
     :class:`~monai_gradicon.GradICONDDFNet` takes. The images and masks stay as loaded for the postprocessing."""
 
     def __init__(self, network: nn.Module, output_key: str = "image", **kwargs: Any) -> None:
@@ -229,8 +240,12 @@ class PrepareNetworkInputd(_PipelineTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         settings = self.settings()
-        prepared = prepare_pair(self.inputs(d, settings), settings, _registration_network(self.network))
+        inputs = self.inputs(d, settings)
+        prealigned = prealign_pair(inputs, settings, "cpu")
+        prepared = prepare_pair(inputs, settings, _registration_network(self.network), prealigned=prealigned)
         d[self.output_key] = prepared.network_input[0]
+        if prepared.prealign is not None:
+            d[self.prealign_key] = prepared.prealign
         return d
 
 
@@ -255,7 +270,14 @@ class OriginalGridOutputsd(_PipelineTransform):
         settings = self.settings()
         inputs = self.inputs(d)
         x = torch.as_tensor(d[self.input_key]).detach()
-        prepared = prepared_from_network_input(inputs, settings, x)
+        matrix = None
+        if settings.prealign != "none":
+            if self.prealign_key not in d:
+                raise KeyError(f"prealign {settings.prealign!r}: the pre-alignment matrix {self.prealign_key!r} that "
+                               "PrepareNetworkInputd stores is missing from the data (same prealign settings and key "
+                               "in both transforms?).")
+            matrix = np.asarray(torch.as_tensor(d[self.prealign_key]).detach().cpu(), dtype=np.float64)
+        prepared = prepared_from_network_input(inputs, settings, x, matrix)
         ddf = torch.as_tensor(d[self.pred_key]).detach().float()
         network = _registration_network(self.network)
         device = ddf.device
