@@ -5,14 +5,16 @@ This is the one writer every file of the project goes through (images, fields, c
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "jsonable"]
 
 
 def _temporary_name(path: str) -> str:
@@ -56,3 +58,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with what ``json.dumps(..., allow_nan=False)`` cannot write made writable: mappings (keys as str),
+    lists / tuples, numpy numbers and arrays as Python values, and non-finite floats as ``None`` (JSON ``null``).
+    The one home of this conversion for every JSON file the project writes."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    return obj

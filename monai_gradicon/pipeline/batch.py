@@ -47,7 +47,6 @@ import datetime
 import gc
 import io as _io
 import json
-import math
 import os
 import re
 import sys
@@ -59,7 +58,7 @@ from typing import Any
 import torch
 
 from monai_gradicon.io import ImageReadError, read_shape
-from monai_gradicon.io_utils import atomic_write_text
+from monai_gradicon.io_utils import atomic_write_text, jsonable
 from monai_gradicon.pipeline.core import RegistrationSettings, predict_peak_memory_gb
 from monai_gradicon.pipeline.result import (
     OUTPUT_FILES,
@@ -636,18 +635,10 @@ class BatchResult:
                              for v in record.to_dict().values()])
         paths = {kind: os.path.join(self.output_root, name) for kind, name in SUMMARY_FILES.items()}
         atomic_write_text(paths["csv"], buffer.getvalue())
-        atomic_write_text(paths["json"], json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(paths["json"], json.dumps(jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n")
         return paths
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    return obj
 
 
 def _now() -> str:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from monai_gradicon.io import NIFTI_SUFFIXES, read_image, spatial_affine, write_nifti
-from monai_gradicon.io_utils import atomic_write, atomic_write_text
+from monai_gradicon.io_utils import atomic_write, atomic_write_text, jsonable
 from monai_gradicon.metrics import (
     LEARN2REG_QUANTILE,
     learn2reg_aggregate,
@@ -453,7 +453,7 @@ class Learn2RegEvaluation:
 
     def write_json(self, path: str | os.PathLike) -> str:
         """Write :meth:`to_dict` as JSON (non-finite numbers as ``null``), atomically."""
-        return atomic_write_text(path, json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        return atomic_write_text(path, json.dumps(jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n")
 
     def write_csv(self, path: str | os.PathLike) -> str:
         """Write one row per case (``case, fixed, moving`` and every column's case value), then one row per
@@ -478,16 +478,6 @@ def _csv_number(value: Any) -> str:
     return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _geometry(path: str, name: str) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from monai_gradicon.io import write_nifti
-from monai_gradicon.io_utils import atomic_write_text
+from monai_gradicon.io_utils import atomic_write_text, jsonable
 from monai_gradicon.metrics import learn2reg_sdlogj, non_diffeomorphic_volume
 from monai_gradicon.pipeline.result import RegistrationResult
 from monai_gradicon.resample import DEFAULT_CHUNK_VOXELS, Grid
@@ -246,16 +245,6 @@ def inverse_consistency_figure(result: RegistrationResult, error: np.ndarray, sl
     return fig
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _number(value: Any, unit: str = "") -> str:
@@ -353,7 +342,7 @@ def write_qc_report(result: RegistrationResult, folder: str | os.PathLike, overw
 
     save_figure_png(inverse_consistency_figure(result, error, slices), paths["inverse_consistency"])
     summary["files"] = {key: os.path.basename(p) for key, p in paths.items()}
-    atomic_write_text(paths["summary"], json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["summary"], json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     images = {}
     for key, title in (("overview", "Overview"), ("inverse_consistency", "Inverse consistency")):
         with open(paths[key], "rb") as f:

@@ -34,7 +34,6 @@ whole, so a result folder holds one complete run or nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from monai_gradicon.io import Image, as_image, write_displacement_field, write_nifti
-from monai_gradicon.io_utils import atomic_write_text
+from monai_gradicon.io_utils import atomic_write_text, jsonable
 from monai_gradicon.itk_transforms import (
     ITKAffine,
     ITKComponent,
@@ -597,7 +596,7 @@ class RegistrationResult:
         def summary(path: str) -> None:
             data = self.summary()
             data["outputs"] = names
-            atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+            atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
 
         writers[OUTPUT_FILES["summary"]] = summary
         return writers
@@ -672,18 +671,6 @@ def _image_summary(image: Image) -> dict[str, Any]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
 
 def _channels_last(field_cf: np.ndarray) -> np.ndarray:
