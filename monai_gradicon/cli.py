@@ -107,14 +107,16 @@ def _path(value: Any, name: str, required: bool = True) -> str | None:
 
 
 def _outputs(value: Any) -> list[str] | None:
-    """``--outputs displacement,warped`` (Fire gives a string or a tuple) -> a checked list, or None for all."""
+    """``--outputs displacement,warped`` or ``all`` (Fire gives a string or a tuple) -> a checked list, or None for
+    the default set."""
     if value is None:
         return None
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     items = [v for v in items if v]
-    unknown = [v for v in items if v not in OUTPUT_CHOICES]
+    unknown = [v for v in items if v not in OUTPUT_CHOICES and v != "all"]
     if not items or unknown:
-        raise ValueError(f"--outputs must be a comma-separated list of {', '.join(OUTPUT_CHOICES)}; got {value!r}.")
+        raise ValueError(f"--outputs must be a comma-separated list of {', '.join(OUTPUT_CHOICES)} (or all); got "
+                         f"{value!r}.")
     return items
 
 
@@ -306,7 +308,7 @@ def _run_options(
                         (auto_masks, "auto_masks"), (qc, "qc")):
         _switch(value, name)
     chosen = _outputs(outputs)
-    if chosen is not None and not any(k in INVERSE_OUTPUTS for k in chosen):
+    if chosen is not None and not any(k in (*INVERSE_OUTPUTS, "all") for k in chosen):
         inverse = False
     check_outputs(chosen, inverse)  # unknown names, an inverse output with --noinverse, h5py present
     if qc and not inverse:
@@ -500,8 +502,9 @@ def register(
                                     moving image resampled onto the fixed grid by world coordinates)
       jacobian_determinant.nii.gz   det J of the fixed -> moving map (<= 0: folded)
       inverse_displacement_mm.nii.gz  the moving -> fixed transform on the moving grid (unless --noinverse)
-      transform_fixed_to_moving.h5  ITK composite transform [affine, displacement field] (fixed -> moving points)
-      transform_moving_to_fixed.h5  its inverse direction (unless --noinverse)
+      transform_fixed_to_moving.h5  with --outputs all / transform: ITK composite transform [affine, displacement
+                                    field] (fixed -> moving points)
+      transform_moving_to_fixed.h5  with --outputs all / inverse_transform: its inverse direction
       affine_fixed_to_moving.tfm    with --prealign: the affine pre-alignment alone (ITK text, LPS)
       overview.png                  slices of fixed, moving, warped, difference, deformation grid and det J
       summary.json                  timings, folds, settings, the weights' model card and the conventions above
@@ -561,7 +564,8 @@ def register(
         outputs: which files to write, comma-separated: warped, ddf, displacement, inverse_displacement, transform
             (transform_fixed_to_moving.h5: ITK composite [affine, displacement field], the moving image's resampling
             transform for ITK / SimpleITK / ANTs / Slicer), inverse_transform (transform_moving_to_fixed.h5),
-            jacobian, overview; default all (the inverse ones unless --noinverse). summary.json,
+            jacobian, overview, or all; default all but the two .h5 files (each costs about as much time as a
+            compressed displacement field; the inverse ones unless --noinverse). summary.json,
             affine_fixed_to_moving.tfm (with --prealign) and computed lung masks are always written. Leaving out
             both inverse_displacement and inverse_transform skips computing the inverse.
         memory_limit_gb: refuse, before any work, a registration whose predicted peak memory (from the image sizes)

@@ -74,8 +74,9 @@ def test_register_warp_evaluate(lung_files, slim_weights, capsys):
                         "--io_iterations", 2, "--io_lr", 1e-3, "--noprogress", "--noauto_masks"], capsys)
     assert code == 0, err
     assert "Done in" in err and "Folds" in err
-    # written only when computed (--auto_masks, --prealign)
-    masks = {OUTPUT_FILES["fixed_mask"], OUTPUT_FILES["moving_mask"], OUTPUT_FILES["affine"]}
+    # written only when computed (--auto_masks, --prealign) or asked for by name (the .h5 transforms)
+    masks = {OUTPUT_FILES["fixed_mask"], OUTPUT_FILES["moving_mask"], OUTPUT_FILES["affine"],
+             OUTPUT_FILES["transform"], OUTPUT_FILES["inverse_transform"]}
     assert sorted(os.listdir(out)) == sorted(set(OUTPUT_FILES.values()) - masks)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["io_iterations"] == 2 and summary["settings"]["preprocessing"] == "lung_ct"

@@ -110,7 +110,8 @@ def test_save_refuses_to_overwrite(tmp_path):
         r.save(tmp_path)
     out = tmp_path / "out"
     paths = r.save(out, overview=False)
-    optional = {"overview.png", OUTPUT_FILES["fixed_mask"], OUTPUT_FILES["moving_mask"], OUTPUT_FILES["affine"]}
+    optional = {"overview.png", OUTPUT_FILES["fixed_mask"], OUTPUT_FILES["moving_mask"], OUTPUT_FILES["affine"],
+                OUTPUT_FILES["transform"], OUTPUT_FILES["inverse_transform"]}
     assert set(os.path.basename(p) for p in paths.values()) == set(OUTPUT_FILES.values()) - optional
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"]["percent_voxels_detJ_le_0"] == 0.0 and "displacement_mm" in summary["conventions"]
