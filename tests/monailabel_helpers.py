@@ -7,6 +7,7 @@ preprocessing ``none``, file axis order).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from collections.abc import Sequence
@@ -100,3 +101,73 @@ def write_pair(folder: str, fixed_name: str = "fixed", moving_name: str = "movin
     fp = write_nifti(os.path.join(folder, f"{fixed_name}.nii.gz"), fixed, fa)
     mp = write_nifti(os.path.join(folder, f"{moving_name}.nii.gz"), moving, ma)
     return fp, mp
+
+
+LABEL_NAMES = {"core": 1, "shell": 2, "far corner": 3}
+
+
+def write_atlas(folder: str, name: str = "blobatlas") -> str:
+    """A small label atlas folder ``<folder>/<name>/`` (``atlas.json``, image, label map): the moving image of
+    :func:`write_pair` (30 x 34 x 28, 2 / 1.8 / 2.2 mm) with labels 1 = core (blob > 60), 2 = shell (30 < blob <= 60)
+    and 3 = a 3-voxel cube in the array's last corner. Returns the atlas folder."""
+    root = os.path.join(folder, name)
+    os.makedirs(root, exist_ok=True)
+    ma = grid_affine((2.0, 1.8, 2.2), (-29.0, -30.0, -30.0))
+    image = blob_volume((30, 34, 28), (4.0, 0.0, 0.0), ma)
+    label = np.zeros(image.shape, np.uint8)
+    label[image > 30] = 2
+    label[image > 60] = 1
+    label[-3:, -3:, -3:] = 3
+    write_nifti(os.path.join(root, "image.nii.gz"), image, ma)
+    write_nifti(os.path.join(root, "label.nii.gz"), label, ma)
+    with open(os.path.join(root, "atlas.json"), "w") as f:
+        json.dump({"image": "image.nii.gz", "label": "label.nii.gz", "label_names": LABEL_NAMES,
+                   "description": "synthetic blob atlas for tests"}, f)
+    return root
+
+
+def slicer_plugin_path(prefix: str) -> str:
+    """Where pip installs the 3D Slicer plugin with monailabel: a data file under the environment's prefix."""
+    return os.path.join(prefix, "monailabel", "plugins", "slicer", "MONAILabel", "MONAILabel.py")
+
+
+class SlicerPlugin:
+    """Pieces of the installed MONAILabel Slicer plugin, taken from its source with ``ast`` (Slicer itself is not
+    importable here): the model types of the *Auto segmentation* selector, how options become request params, the
+    result format it asks for, and how it names the imported segments."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, encoding="utf-8") as f:
+            self.tree = ast.parse(f.read())
+        self.functions = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.FunctionDef)}
+
+    def segmentation_types(self) -> list[str]:
+        for node in ast.walk(self.functions["updateGUIFromParameterNode"]):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "updateSelector" and "segmentationModelSelector" in ast.unparse(node.args[0]):
+                return ast.literal_eval(node.args[1])
+        raise AssertionError("the plugin no longer fills segmentationModelSelector with updateSelector")
+
+    def params_from_config(self, name_config: dict) -> dict:
+        fn = self.functions["getParamsFromConfig"]
+        ret = [n for n in ast.walk(fn) if isinstance(n, ast.Return)][0]
+        return eval(compile(ast.Expression(ret.value), "<plugin>", "eval"), {"nameConfig": name_config})
+
+    def infer_params(self) -> dict:
+        fn = [f for f in ast.walk(self.tree) if isinstance(f, ast.FunctionDef) and f.name == "infer"
+              and "result_extension" in ast.unparse(f)][0]
+        params = {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript):
+                params[ast.literal_eval(node.targets[0].slice)] = ast.literal_eval(node.value)
+        return params
+
+    def segment_names(self, result_params: dict, model_info: dict) -> list[str]:
+        """``onClickSegmentation`` + ``updateSegmentationMask``: the segment names, in import order."""
+        fn = self.functions["onClickSegmentation"]
+        assigns = [n for n in ast.walk(fn) if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "labels"]
+        scope = {"params": result_params, "self": type("S", (), {"models": {"m": model_info}})(), "model": "m"}
+        labels = eval(compile(ast.Expression(assigns[0].value), "<plugin>", "eval"), scope)
+        if labels and isinstance(labels, dict):
+            labels = eval(compile(ast.Expression(assigns[1].value), "<plugin>", "eval"), {"labels": labels})
+        return [label for label in labels if label != "background"]

@@ -2,8 +2,11 @@
 
 * :mod:`monai_gradicon.monailabel.pipeline` (no ``monailabel`` needed): load a bundle, and the pre / infer / post /
   write steps of one registration request, as plain functions over :mod:`monai_gradicon.pipeline`.
-* :class:`GradICONRegistrationTask` (needs ``monailabel``, imported on first access only): the ``BasicInferTask``
-  subclass the sample app ``apps/gradicon_monailabel`` registers.
+* :class:`GradICONRegistrationTask` and :class:`GradICONPropagationTask` (need ``monailabel``, imported on first
+  access only): the ``BasicInferTask`` subclasses the sample app ``apps/gradicon_monailabel`` registers (registration
+  for API clients; registration-based label propagation as a segmentation task for 3D Slicer).
+* :mod:`monai_gradicon.monailabel.server` (needs ``monailabel``): MONAI Label's server with the infer handler in a
+  worker thread (``monailabel start_server ... --uvicorn_app monai_gradicon.monailabel.server:app``).
 
 ``import monai_gradicon`` does not import this package, and importing this package does not import ``monailabel``.
 See ``docs/monailabel.md``.
@@ -17,13 +20,22 @@ from monai_gradicon.monailabel.pipeline import (
     DDF_UNITS,
     MASK_KEYS,
     GradICONBundle,
+    LabelReference,
     RegistrationRequestError,
+    RequestDeadline,
+    RequestQueue,
+    check_input_size,
+    find_atlases,
     find_bundles,
     finish_registration,
+    load_atlas,
     load_bundle,
     prepare_request,
+    propagate_labels,
+    prune_outputs,
     register_files,
     run_registration,
+    write_label_map,
     write_outputs,
 )
 
@@ -31,20 +43,31 @@ __all__ = [
     "DDF_UNITS",
     "MASK_KEYS",
     "GradICONBundle",
+    "LabelReference",
     "RegistrationRequestError",
+    "RequestDeadline",
+    "RequestQueue",
+    "check_input_size",
+    "find_atlases",
     "find_bundles",
     "finish_registration",
+    "load_atlas",
     "load_bundle",
     "prepare_request",
+    "propagate_labels",
+    "prune_outputs",
     "register_files",
     "run_registration",
+    "write_label_map",
     "write_outputs",
     "GradICONRegistrationTask",
+    "GradICONPropagationTask",
     "monailabel_available",
 ]
 
 _LAZY = {
     "GradICONRegistrationTask": "monai_gradicon.monailabel.task",
+    "GradICONPropagationTask": "monai_gradicon.monailabel.task",
     "REGISTRATION_TYPE": "monai_gradicon.monailabel.task",
 }
 
