@@ -117,10 +117,11 @@ def _theirs(case: dict, weights: str, out: Path) -> dict:
     timings["register"] = time.perf_counter() - t
     t = time.perf_counter()
     itk.transformwrite([phi_ab], str(out / "transform.hdf5"))
-    interpolator = itk.LinearInterpolateImageFunction.New(moving)
-    warped = itk.resample_image_filter(itk.CastImageFilter[type(moving), itk.Image[itk.F, 3]].New(moving),
-                                       transform=phi_ab, interpolator=interpolator, use_reference_image=True,
-                                       reference_image=fixed)
+    # the interpolator must match the (float) image being resampled, not the file's pixel type (int16 here)
+    moving_f = itk.cast_image_filter(moving, ttype=(type(moving), itk.Image[itk.F, 3]))
+    interpolator = itk.LinearInterpolateImageFunction.New(moving_f)
+    warped = itk.resample_image_filter(moving_f, transform=phi_ab, interpolator=interpolator,
+                                       use_reference_image=True, reference_image=fixed)
     timings["warp"] = time.perf_counter() - t
     t = time.perf_counter()
     itk.imwrite(warped, str(out / "warped.nii.gz"))
@@ -160,24 +161,28 @@ def main() -> None:
     for case in args.cases:
         spec = prepared["cases"][case]
         for rep in range(args.repeats):
-            out = work / f"ours_{case}_{rep}"
-            cmd = [sys.executable, "-m", "monai_gradicon", "register", "--fixed", spec["fixed"], "--moving",
-                   spec["moving"], "--fixed_mask", spec["fixed_mask"], "--moving_mask", spec["moving_mask"],
-                   "--weights", prepared["weights"], "--io_iterations", "0", "--output_dir", str(out),
-                   "--noprogress", "--device", "cpu"]
-            wall, rss, _ = _peak_rss_child(cmd, env)
-            summary = json.loads((out / "summary.json").read_text())
-            rows.append({"case": case, "side": "ours", "rep": rep, "wall_s": wall, "peak_gib": rss,
-                         "stages": summary["timings_seconds"]})
+            # "ours": the default outputs (both directions, DDF, det J, overview); "ours-matched": the two files the
+            # authors' path writes (the forward transform and the warped image), so the inverse is not computed
+            for side, extra in (("ours", []), ("ours-matched", ["--outputs", "displacement,warped", "--nooverview"])):
+                out = work / f"{side}_{case}_{rep}"
+                cmd = [sys.executable, "-m", "monai_gradicon", "register", "--fixed", spec["fixed"], "--moving",
+                       spec["moving"], "--fixed_mask", spec["fixed_mask"], "--moving_mask", spec["moving_mask"],
+                       "--weights", prepared["weights"], "--io_iterations", "0", "--output_dir", str(out),
+                       "--noprogress", "--device", "cpu", *extra]
+                wall, rss, _ = _peak_rss_child(cmd, env)
+                summary = json.loads((out / "summary.json").read_text())
+                rows.append({"case": case, "side": side, "rep": rep, "wall_s": wall, "peak_gib": rss,
+                             "stages": summary["timings_seconds"], "load": os.getloadavg()[0]})
             theirs_out = work / f"theirs_{case}_{rep}"
             theirs_out.mkdir()
             job = json.dumps({"case": spec, "weights": prepared["weights"], "out": str(theirs_out)})
             wall, rss, log = _peak_rss_child([sys.executable, __file__, "--worker", "theirs", "--spec", job], env)
             stages = json.loads(next(line for line in log.splitlines() if line.startswith("TIMINGS "))[8:])
             rows.append({"case": case, "side": "theirs", "rep": rep, "wall_s": wall, "peak_gib": rss,
-                         "stages": stages})
-            for r in rows[-2:]:
-                print(f"{r['case']:5s} {r['side']:6s} rep {r['rep']}: {r['wall_s']:6.1f} s, {r['peak_gib']:5.2f} GiB  "
+                         "stages": stages, "load": os.getloadavg()[0]})
+            for r in rows[-3:]:
+                print(f"{r['case']:5s} {r['side']:6s} rep {r['rep']}: {r['wall_s']:6.1f} s, {r['peak_gib']:5.2f} GiB, "
+                      f"load {r['load']:.2f}  "
                       + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()), flush=True)
     print("\ncase   ours wall / theirs wall   ours peak / theirs peak   (medians)")
     summary = {}
@@ -185,11 +190,13 @@ def main() -> None:
         def med(side, key):
             values = sorted(r[key] for r in rows if r["case"] == case and r["side"] == side)
             return values[len(values) // 2]
-        ow, tw, op, tp = med("ours", "wall_s"), med("theirs", "wall_s"), med("ours", "peak_gib"), med("theirs",
-                                                                                                        "peak_gib")
-        summary[case] = {"time_ratio": ow / tw, "memory_ratio": op / tp, "ours_s": ow, "theirs_s": tw,
-                         "ours_gib": op, "theirs_gib": tp}
-        print(f"{case:5s}  {ow:6.1f} s / {tw:6.1f} s = {ow / tw:.2f}    {op:5.2f} / {tp:5.2f} GiB = {op / tp:.2f}")
+        tw, tp = med("theirs", "wall_s"), med("theirs", "peak_gib")
+        summary[case] = {"theirs_s": tw, "theirs_gib": tp}
+        for side in ("ours", "ours-matched"):
+            ow, op = med(side, "wall_s"), med(side, "peak_gib")
+            summary[case][side] = {"time_ratio": ow / tw, "memory_ratio": op / tp, "seconds": ow, "gib": op}
+            print(f"{case:5s} {side:12s} {ow:6.1f} s / {tw:6.1f} s = {ow / tw:.2f}    {op:5.2f} / {tp:5.2f} GiB = "
+                  f"{op / tp:.2f}")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {platform.processor() or platform.machine()}")
     if args.json:
