@@ -36,6 +36,7 @@ __all__ = [
     "folding_percentage",
     "reference_flips",
     "log_jacobian_std",
+    "log_determinant_std",
     "sample_ddf_at_points",
     "landmark_tre",
     "tre_statistics",
@@ -213,9 +214,18 @@ def log_jacobian_std(
     Returns:
         ``[B]`` standard deviation (dimensionless).
     """
+    return log_determinant_std(jacobian_determinant(ddf, spacing), eps)
+
+
+def log_determinant_std(det: torch.Tensor, eps: float = LOG_JACOBIAN_EPS) -> torch.Tensor:
+    """:func:`log_jacobian_std` from determinants already computed (``[B, *S]``, e.g. by
+    :func:`jacobian_determinant`), so a caller that needs both does not differentiate the field twice.
+
+    Returns:
+        ``[B]`` population standard deviation of ``log(max(det, eps))``.
+    """
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}.")
-    det = jacobian_determinant(ddf, spacing)
     return torch.log(det.clamp(min=eps)).flatten(1).std(dim=1, correction=0)
 
 

@@ -10,6 +10,7 @@ from monai_gradicon.metrics import (
     jacobian_determinant,
     landmark_tre,
     log_jacobian_std,
+    log_determinant_std,
     reference_flips,
     sample_ddf_at_points,
 )
@@ -157,6 +158,10 @@ def test_log_jacobian_std_matches_numpy():
     det = jacobian_determinant(ddf).numpy()
     expected = np.log(np.clip(det, 1e-9, None)).std()
     assert float(log_jacobian_std(ddf)) == pytest.approx(float(expected), rel=1e-10)
+    # from determinants already computed (the pipeline's path): the same value, the field differentiated once
+    assert float(log_determinant_std(jacobian_determinant(ddf))) == pytest.approx(float(expected), rel=1e-10)
+    with pytest.raises(ValueError, match="eps"):
+        log_determinant_std(jacobian_determinant(ddf), eps=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ landmarks

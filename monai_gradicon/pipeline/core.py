@@ -46,7 +46,7 @@ from monai_gradicon.instance_optimization import DEFAULT_IO_LR, instance_optimiz
 from monai_gradicon.io import Image, as_image
 from monai_gradicon.losses.objective import GradICONObjective
 from monai_gradicon.maps import identity_map
-from monai_gradicon.metrics import jacobian_determinant, log_jacobian_std
+from monai_gradicon.metrics import jacobian_determinant, log_determinant_std
 from monai_gradicon.model_card import CardError, ModelCard
 from monai_gradicon.networks.registration import (
     GradICONNetwork,
@@ -895,9 +895,10 @@ def to_original_grids(
                                         output=moving_grid, pre=prepared.prealign_inverse)
         _require_finite(inverse, "inverse displacement field")
     ddf = displacement_to_ddf(displacement, fixed_grid)
-    jac = jacobian_determinant(torch.from_numpy(ddf)[None])[0].numpy().astype(np.float32)
+    det = jacobian_determinant(torch.from_numpy(ddf)[None])  # once: det J and SDlogJ both come from it
+    jac = det[0].numpy().astype(np.float32)
     _require_finite(jac, "Jacobian determinant")
     _require_finite(warped, "warped moving image")
     folds = float(np.count_nonzero(jac <= 0)) * 100.0 / jac.size
-    log_std = float(log_jacobian_std(torch.from_numpy(ddf)[None])[0])
+    log_std = float(log_determinant_std(det)[0])
     return OriginalGridFields(displacement, ddf, jac, warped, inverse, folds, log_std, time.perf_counter() - start)
