@@ -36,7 +36,7 @@ is read with our ``read_itk_affine`` (MATLAB ``.mat``) and cross-checked against
 Install (a separate venv: antspyx and SimpleITK are benchmark-only, never package dependencies; always pass the
 constraints so that pip never pulls a CUDA torch)::
 
-    python -m venv /work/benchenv && source /work/benchenv/bin/activate
+    python -m venv .venv-bench && source .venv-bench/bin/activate
     pip install -c constraints.txt torch==2.13.0
     pip install -c constraints.txt -e .
     pip install -c constraints.txt antspyx SimpleITK

@@ -18,7 +18,7 @@ The case (see :func:`breathing_case`):
 * landmarks: ``count`` random voxels inside the lungs of ``B`` (HU < -500, the two largest connected components that
   do not touch the in-plane border, eroded by 2 voxels), and their images ``Psi^-1(p)`` in ``A`` (fixed-point iteration, to 1e-4 voxels).
 
-The files under ``/work/shared/data`` (``--data``) are read-only inputs; nothing is written next to them.
+The files under ``../shared/data`` (``--data``) are read-only inputs; nothing is written next to them.
 """
 
 from __future__ import annotations

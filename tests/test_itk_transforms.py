@@ -5,7 +5,7 @@ order, LPS signs; each value located independently of the writer), the round tri
 evaluation rules (order, zero displacement outside the field), bad files, and a registration with a known affine
 pre-alignment whose two ``.h5`` files reproduce ``displacement_mm`` / ``inverse_displacement_mm``.
 
-With ITK (``@pytest.mark.itk``, ``/work/refenv/bin/python -m pytest -m itk``): ITK reads the files back and its
+With ITK (``@pytest.mark.itk``, ``python -m pytest -m itk`` in an environment with ``pip install itk``): ITK reads the files back and its
 ``ResampleImageFilter`` gives our warped image; it also reads the ``displacement_mm`` NIfTI fields as displacement
 field transforms. float32 comparisons use tests/tolerance.py.
 """
@@ -444,7 +444,7 @@ def _warp_tolerance(image: Image, displacement: np.ndarray) -> float:
 def test_itk_maps_points_as_our_reader(ndim, tmp_path):
     """ITK's TransformPoint through our file = our evaluation of it (both double), at points inside, at the border
     and outside the field (where ITK's displacement is zero), 3D and 2D, an oblique field grid and a sheared affine."""
-    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk, /work/refenv)")
+    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk: pip install itk)")
     field = field_case(ndim, seed=5)
     m = PREALIGN.copy()
     if ndim == 2:
@@ -467,7 +467,7 @@ def test_itk_reads_both_files_and_resamples_like_us(prealign, with_prealign, wit
     """ITK reads the forward file and resamples the moving image onto the fixed grid: our warped image, to float32
     rounding; it reads the inverse file and resamples the fixed image onto the moving grid: our resampling through
     the inverse file's displacement; ITK's points equal ours (both in double)."""
-    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk, /work/refenv)")
+    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk: pip install itk)")
     r = with_prealign if prealign else without_prealign
     paths = r.save(tmp_path / "out", outputs=["transform", "inverse_transform", "warped"])
     fixed_grid, moving_grid = Grid.of(r.fixed), Grid.of(r.moving)
@@ -508,7 +508,7 @@ def test_itk_reads_both_files_and_resamples_like_us(prealign, with_prealign, wit
 def test_itk_reads_the_nifti_displacement_fields(with_prealign, tmp_path):
     """The ``displacement_mm`` / ``inverse_displacement_mm`` NIfTI files as ITK DisplacementFieldTransforms: ITK's
     resampling of the moving image is our warped image (float32 rounding); the inverse field's points equal ours."""
-    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk, /work/refenv)")
+    itk = pytest.importorskip("itk", reason="ITK comparisons need the itk package (-m itk: pip install itk)")
     r = with_prealign
     paths = r.save(tmp_path / "out", outputs=["displacement", "inverse_displacement", "warped"])
     fixed_grid, moving_grid = Grid.of(r.fixed), Grid.of(r.moving)

@@ -1,6 +1,6 @@
 """Build the shipped example atlas ``mni152_2009a_2mm`` from the MNI ICBM152 2009a symmetric template.
 
-    python apps/gradicon_monailabel/atlases/make_mni152_atlas.py /work/shared/data/brain_mni152_2009a_sym
+    python apps/gradicon_monailabel/atlases/make_mni152_atlas.py ../shared/data/brain_mni152_2009a_sym
 
 Input (the folder of the three files below, 197 x 233 x 189 voxels, 1 mm, RAS, uint8 0..255):
 ``mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz`` (T1), ``..._gm_...`` and ``..._wm_...`` (grey / white matter
