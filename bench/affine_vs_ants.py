@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     print()
     print(f"residual |M x - M_true x| at {args.points} anatomy points (mm); time of the registration call; "
           f"{args.threads} threads; load = 1-min load average after the call")
-    header = f"| image | case | method | mean mm | p95 mm | max mm | seconds | load |"
+    header = "| image | case | method | mean mm | p95 mm | max mm | seconds | load |"
     print(header)
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -102,6 +102,14 @@ def _load_state(path: str) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------- memory
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (as ``uptime`` prints them), or ``n/a``."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

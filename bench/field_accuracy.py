@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from cases import current_rss_bytes, load_average, peak_rss_bytes
 from field_cases import DEFAULT_DATA, breathing_case, surrogate_init, tre_mm
 
 METHODS = ("identity", "field", "surrogate", "field-io", "ants-syn", "ants-syn-fine", "network", "network-io",
@@ -64,21 +63,6 @@ METHODS = ("identity", "field", "surrogate", "field-io", "ants-syn", "ants-syn-f
 DEFAULT_METHODS = ("identity", "field", "surrogate", "field-io", "ants-syn", "ants-syn-fine")
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if platform.system() == "Darwin" else int(peak) * 1024
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def have_ants() -> bool:

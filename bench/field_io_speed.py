@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,27 +40,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from cases import current_rss_bytes, load_average, peak_rss_bytes
 from field_cases import DEFAULT_DATA, breathing_case
 
 IO_LR = 2e-5
 
 
-def load_average() -> str:
-    """The machine's 1, 5 and 15 minute load averages (as ``uptime`` prints them)."""
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if platform.system() == "Darwin" else int(peak) * 1024
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def random_network(n: int, seed: int = 0):
