@@ -346,6 +346,17 @@ class _GradICONTask(BasicInferTask):
         data[_DEADLINE] = deadline
         return deadline
 
+    def _prepare_pair(self, data: dict, moving: Any, fixed: Any, masks: dict | None) -> dict:
+        """Stages 1-2 of the pipeline for a validated request (``moving`` / ``fixed``: paths or images; ``masks``:
+        the mask keys or None), within the request's size bound; the prepared pair and the network input go into
+        ``data``."""
+        prepared = prepare_request(self.bundle, moving, fixed, masks, io_iterations=data["io_iterations"],
+                                   orientation=data["orientation"], transform_scheme=data["transform_scheme"],
+                                   max_voxels=self.limits.max_input_voxels)
+        data[_PREPARED] = prepared
+        data[self.input_key] = prepared.network_input[0]
+        return data
+
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         device = _device_name(device)
         transforms = run_registration(self.bundle, data[_PREPARED], device, data[_DEADLINE])
@@ -463,13 +474,7 @@ class GradICONRegistrationTask(_GradICONTask):
         self._start(data)
         self.validate_request(data)  # also for direct calls of the task (tests, batch use)
         masks = {k: data.get(k) for k in MASK_KEYS}
-        prepared = prepare_request(self.bundle, data.get("image"), data.get("fixed_image"), masks,
-                                   io_iterations=data["io_iterations"], orientation=data["orientation"],
-                                   transform_scheme=data["transform_scheme"],
-                                   max_voxels=self.limits.max_input_voxels)
-        data[_PREPARED] = prepared
-        data[self.input_key] = prepared.network_input[0]
-        return data
+        return self._prepare_pair(data, data.get("image"), data.get("fixed_image"), masks)
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [WarpToFixedGrid(self._resample)]
@@ -653,13 +658,7 @@ class GradICONPropagationTask(_GradICONTask):
         reference = data.get(_REFERENCE) or self.resolve_reference(data["reference"])
         data[_REFERENCE] = reference
         # the reference is the moving image A, the user's scan the fixed image B
-        prepared = prepare_request(self.bundle, reference.image, data.get("image"), None,
-                                   io_iterations=data["io_iterations"], orientation=data["orientation"],
-                                   transform_scheme=data["transform_scheme"],
-                                   max_voxels=self.limits.max_input_voxels)
-        data[_PREPARED] = prepared
-        data[self.input_key] = prepared.network_input[0]
-        return data
+        return self._prepare_pair(data, reference.image, data.get("image"), None)
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [PropagateLabels(self._propagate)]
