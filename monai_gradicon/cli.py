@@ -924,6 +924,11 @@ def register_batch(
         source = {"learn2reg_dataset": os.path.abspath(dataset_p), "split": split, "dataset_masks": dataset_masks}
     plan = plan_batch(batch_pairs, out_root, overwrite=opts.overwrite, skip_existing=skip_existing,
                       protect=[p for p in (opts.weights,) if p])  # every pair checked before the slow part
+    if opts.io_mask_loss:
+        unmasked = [i.pair.name for i in plan.to_run if i.pair.fixed_mask is None or i.pair.moving_mask is None]
+        if unmasked:
+            raise ValueError(f"--io_mask_loss needs both masks for every pair; {len(unmasked)} pair(s) have none: "
+                             f"{', '.join(unmasked[:10])}{', ...' if len(unmasked) > 10 else ''}.")
 
     first = plan.items[0].fixed_shape if plan.items else (1, 1, 1)
     network, card, settings = _load_model(opts, first)  # once for the batch, on the device once

@@ -90,3 +90,13 @@ def test_refused_before_any_work(lung_files, slim_weights, capsys, extra, messag
                         *extra], capsys)
     assert code == 2 and message in err, err
     assert not out.exists()
+
+
+def test_batch_io_mask_loss_needs_masks_for_every_pair_before_any_work(lung_files, slim_weights, capsys):  # noqa: F811
+    pairs = lung_files / "pairs.csv"
+    pairs.write_text("fixed,moving,name\nfixed.nii.gz,moving.nrrd,first\n")
+    out = lung_files / "batch_refused"
+    code, _, err = run(["register-batch", "--pairs", pairs, "--output_dir", out, "--weights", slim_weights,
+                        "--input_shape", SLIM_SHAPE, "--io_iterations", 2, "--io_mask_loss"], capsys)
+    assert code == 2 and "--io_mask_loss needs both masks for every pair" in err and "first" in err, err
+    assert not (out / "first").exists()
