@@ -135,14 +135,27 @@ def _spacing_tuple(spacing: float | Sequence[float] | None, dim: int) -> tuple[f
 
 
 def _determinant(jac: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Determinant of a 2x2 or 3x3 matrix given as nested lists of equally shaped tensors."""
+    """Determinant of a 2x2 or 3x3 matrix given as nested lists of equally shaped tensors (cofactor expansion along
+    the first row, evaluated left to right; the entries are not modified)."""
     if len(jac) == 2:
-        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
-    return (
-        jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-        - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-        + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
-    )
+        return (jac[0][0] * jac[1][1]).sub_(jac[0][1] * jac[1][0])
+    (a, b, c), (d, e, f), (g, h, i) = jac
+    det = a * (e * i).sub_(f * h)
+    det.sub_(b * (d * i).sub_(f * g))
+    return det.add_(c * (d * h).sub_(e * g))
+
+
+def _gradient(values: torch.Tensor, axis: int, step: float) -> torch.Tensor:
+    """``torch.gradient(values, spacing=step, dim=axis, edge_order=1)``: central differences inside, one-sided at the
+    two ends (same arithmetic, written into one new tensor)."""
+    n = values.shape[axis]
+    out = torch.empty_like(values)
+    torch.sub(values.narrow(axis, 2, n - 2), values.narrow(axis, 0, n - 2), out=out.narrow(axis, 1, n - 2))
+    out.narrow(axis, 1, n - 2).div_(2.0 * step)
+    for at, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
+        torch.sub(values.narrow(axis, hi, 1), values.narrow(axis, lo, 1), out=out.narrow(axis, at, 1))
+        out.narrow(axis, at, 1).div_(step)
+    return out
 
 
 def jacobian_determinant(ddf: ArrayLike, spacing: float | Sequence[float] | None = None) -> torch.Tensor:
@@ -171,9 +184,10 @@ def jacobian_determinant(ddf: ArrayLike, spacing: float | Sequence[float] | None
     sp = _spacing_tuple(spacing, dim)
     scale = torch.tensor(sp, dtype=ddf.dtype, device=ddf.device).view(1, dim, *([1] * dim))
     disp = ddf * scale if spacing is not None else ddf
-    # grads[j][:, i] = d disp_i / d x_j
-    grads = torch.gradient(disp, spacing=list(sp), dim=list(range(2, 2 + dim)), edge_order=1)
-    jac = [[grads[j][:, i] + (1.0 if i == j else 0.0) for j in range(dim)] for i in range(dim)]
+    # jac[i][j] = d(x_i + disp_i) / d x_j, one component at a time
+    jac = [[_gradient(disp[:, i], 1 + j, sp[j]) for j in range(dim)] for i in range(dim)]
+    for i in range(dim):
+        jac[i][i].add_(1.0)
     return _determinant(jac)
 
 

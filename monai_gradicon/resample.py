@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monai_gradicon.coordinate_transforms import CoordinateTransform
+from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
 from monai_gradicon.io import Image
 from monai_gradicon.maps import sample
 
@@ -47,11 +47,15 @@ __all__ = [
     "displacement_to_ddf",
     "map_points",
     "box_relative_ddf",
+    "physical_jacobian_determinant",
     "DEFAULT_CHUNK_VOXELS",
 ]
 
 DEFAULT_CHUNK_VOXELS = 1 << 20
 """Voxels evaluated at once in the dense loops (about 50 MB of float32 work tensors per million voxels)."""
+
+JACOBIAN_CHUNK_VOXELS = 1 << 18
+"""Voxels per slab of :func:`physical_jacobian_determinant` (its nine derivatives of a slab stay in the cache)."""
 
 
 @dataclass(frozen=True)
@@ -134,22 +138,74 @@ def _slabs(shape: Sequence[int], chunk_voxels: int) -> Iterator[tuple[int, int]]
         yield start, min(shape[0], start + step)
 
 
-def _slab_grid(shape: Sequence[int], start: int, stop: int, device: torch.device | str) -> torch.Tensor:
-    """Voxel indices of a slab, channel first: ``[dim, stop - start, *shape[1:]]`` float64."""
-    axes = [torch.arange(start, stop, dtype=torch.float64, device=device)]
-    axes += [torch.arange(n, dtype=torch.float64, device=device) for n in shape[1:]]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+def _axis_points(shape: Sequence[int], start: int, stop: int, device: torch.device | str) -> list[torch.Tensor]:
+    """Voxel indices along each axis of a slab (axis 0 restricted to ``[start, stop)``), 1D float64."""
+    return [torch.arange(start, stop, dtype=torch.float64, device=device)] + [
+        torch.arange(n, dtype=torch.float64, device=device) for n in shape[1:]]
 
 
-def _linear(matrix: np.ndarray, offset: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    """``matrix @ p + offset`` for channel-first points ``[dim, *P]`` (float64)."""
-    m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
-    o = torch.as_tensor(offset, dtype=points.dtype, device=points.device)
-    return torch.einsum("ij,j...->i...", m, points) + o.view(-1, *([1] * (points.ndim - 1)))
+def _affine_slab(matrix: np.ndarray, offset: np.ndarray, shape: Sequence[int], start: int, stop: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """``matrix @ i + offset`` at every voxel ``i`` of a slab, channel first ``[rows, stop - start, *shape[1:]]``
+    float64, built from per-axis terms by broadcasting (one pass over the slab instead of a matrix product on an
+    index grid)."""
+    axes = _axis_points(shape, start, stop, device)
+    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64), device=device)
+    ndim = len(shape)
+    out = torch.as_tensor(np.asarray(offset, dtype=np.float64), device=device).view(-1, *([1] * ndim))
+    for j, axis in enumerate(axes):
+        view = [1] * ndim
+        view[j] = -1
+        out = out + m[:, j].view(-1, *([1] * ndim)) * axis.view(1, *view)
+    return out
 
 
-def _per_channel(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+def _matvec(matrix: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """``matrix @ v`` for every vector of a channel-first field ``[dim, *P]`` (one matrix product, field's dtype)."""
+    m = torch.as_tensor(np.asarray(matrix), dtype=field.dtype, device=field.device)
+    return (m @ field.reshape(field.shape[0], -1)).view(m.shape[0], *field.shape[1:])
+
+
+def _axis_permutation(matrix: np.ndarray) -> list[int] | None:
+    """For a linear map whose row ``c`` has a single non-zero entry, in column ``p[c]`` with ``p`` a permutation
+    (a scaled, signed axis permutation: network axis ``c`` varies along output axis ``p[c]`` only), return ``p``;
+    otherwise None."""
+    p = []
+    for row in np.asarray(matrix):
+        nonzero = np.flatnonzero(row)
+        if len(nonzero) != 1:
+            return None
+        p.append(int(nonzero[0]))
+    return p if sorted(p) == list(range(len(p))) else None
+
+
+def _lerp_axis(values: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``values`` along ``axis`` at normalized positions ``q`` (1D float64, ``0`` and ``1``
+    are the first and last samples), clamped to the ends (``grid_sample``'s ``border`` padding with
+    ``align_corners=True``); the axis gets ``len(q)`` samples."""
+    n = values.shape[axis]
+    if n == 1:
+        return values.index_select(axis, torch.zeros(len(q), dtype=torch.long, device=values.device))
+    pos = (q * (n - 1)).clamp(0, n - 1)
+    low = pos.floor().clamp(max=n - 2)
+    weight = (pos - low).to(values.dtype)
+    index = low.long()
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return torch.lerp(values.index_select(axis, index), values.index_select(axis, index + 1), weight.view(shape))
+
+
+def _sample_separable(field: torch.Tensor, coords: Sequence[torch.Tensor], axis_of: Sequence[int]) -> torch.Tensor:
+    """A field ``[C, *n]`` interpolated (linear per axis, border) on a grid whose network axis ``c`` varies along
+    output axis ``axis_of[c]`` only, at the normalized positions ``coords[c]`` (1D float64). Returns
+    ``[C, *P]`` with ``P[axis_of[c]] = len(coords[c])``: the trilinear interpolation of the field at those points, up
+    to float32 rounding, in three 1D passes (the axis that shrinks most first)."""
+    order = sorted(range(len(coords)), key=lambda c: len(coords[c]) / field.shape[1 + c])
+    out = field
+    for c in order:
+        out = _lerp_axis(out, 1 + c, coords[c])
+    network_axis = {axis_of[c]: c for c in range(len(coords))}
+    return out.permute(0, *[1 + network_axis[o] for o in range(len(coords))])
 
 
 def _channels_first(points: np.ndarray, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
@@ -219,24 +275,51 @@ def physical_displacement(
     if post_m is not None:
         l_s, o_s = post_m[:-1, :-1] @ l_s, post_m[:-1, :-1] @ o_s + post_m[:-1, -1]
     # target index of an output voxel: A_t^-1 (pre (A_out i))
-    to_target = np.linalg.inv(target.affine) @ (pre_m if pre_m is not None else np.eye(target.ndim + 1)) @ output.affine
+    if pre_m is None and output is target:
+        to_target = np.eye(target.ndim + 1)
+    else:
+        to_target = np.linalg.inv(target.affine) @ (pre_m if pre_m is not None else np.eye(target.ndim + 1)) @ output.affine
+        # rounding leftovers of an exact axis permutation (inv(A) @ A' with A' a permuted A): exact zeros
+        to_target[:-1, :-1][np.abs(to_target[:-1, :-1]) < 1e-12 * np.abs(to_target[:-1, :-1]).max()] = 0.0
+    # normalized target point of output voxel i: q = Q i + q0 (float64, exact up to rounding)
+    q_mat = to_target[:-1, :-1] / t_scale[:, None]
+    q_off = (to_target[:-1, -1] - t_offset) / t_scale
+    # u(i) = world(source point) - world(i) = L_s (q + d) + o_s - A_out i = [(L_s Q - A_out) i + L_s q0 + o_s] + L_s d
+    # with d = Phi(q) - q the transform's own displacement (float32, as the transform computes it): the large affine
+    # part in float64 rounded once, the product with the small d in float32
+    base_mat = l_s @ q_mat - output.matrix
+    base_off = l_s @ q_off + o_s - output.offset
+    axis_of = _axis_permutation(q_mat)
+    separable = (axis_of is not None and isinstance(transform, DisplacementTransform)
+                 and transform.padding_mode == "border" and transform.displacement.shape[0] == 1)
     out = np.empty((target.ndim, *output.shape), dtype=np.float32)
     for start, stop in _slabs(output.shape, chunk_voxels):
-        idx = _slab_grid(output.shape, start, stop, device)
-        t_idx = _linear(to_target[:-1, :-1], to_target[:-1, -1], idx)
-        q_t = (t_idx - _per_channel(t_offset, idx)) / _per_channel(t_scale, idx)
         with torch.no_grad():
-            q_s = transform(q_t.to(torch.float32)[None])[0].to(torch.float64)
-        u = _linear(l_s, o_s, q_s) - _linear(output.matrix, output.offset, idx)
-        out[:, start:stop] = u.to(torch.float32).cpu().numpy()
+            if separable:
+                # network axis c varies along one output axis only: three 1D interpolations of the field instead
+                # of a trilinear lookup per voxel (same values up to float32 rounding)
+                axes = _axis_points(output.shape, start, stop, device)
+                coords = [q_mat[c, axis_of[c]] * axes[axis_of[c]] + q_off[c] for c in range(target.ndim)]
+                field_ = transform.displacement[0].to(device=device, dtype=torch.float32)
+                d = _sample_separable(field_, coords, axis_of)
+            else:
+                q = _affine_slab(q_mat, q_off, output.shape, start, stop, device).to(torch.float32)
+                d = transform(q[None])[0] - q
+                del q
+            u = _affine_slab(base_mat, base_off, output.shape, start, stop, device).to(torch.float32)
+            for i in range(target.ndim):  # + L_s d, skipping L_s's zeros (it is diagonal for axis-aligned grids)
+                for j in range(target.ndim):
+                    if l_s[i, j] != 0.0:
+                        u[i].add_(d[j], alpha=float(l_s[i, j]))
+            del d
+        out[:, start:stop] = u.cpu().numpy()
     return out
 
 
-def _source_index(image_grid: Grid, target: Grid, idx: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Continuous image indices of target voxels ``idx`` moved by world displacements ``u`` (channel first)."""
+def _index_map(image_grid: Grid, target: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(M, m, V)`` with continuous image index ``M i + m + V u`` for target voxel ``i`` moved by world ``u``."""
     inv = np.linalg.inv(image_grid.matrix)
-    moved = _linear(inv @ target.matrix, inv @ (target.offset - image_grid.offset), idx)
-    return moved + _linear(inv, np.zeros(target.ndim), u)
+    return inv @ target.matrix, inv @ (target.offset - image_grid.offset), inv
 
 
 def warp_physical(
@@ -276,10 +359,16 @@ def warp_physical(
     img_t = torch.as_tensor(np.asarray(image), device=device).to(dtype)[None, None]
     out = np.empty(target.shape, dtype=np.float64 if mode == "nearest" else np.float32)
     scale = np.array([max(n - 1, 1) for n in image_grid.shape], dtype=np.float64)
+    index_mat, index_off, world_to_index = _index_map(image_grid, target)
+    # normalized image point: (M i + m + V u) / (N - 1), in float64; sampled in float64 for nearest neighbour (exact
+    # label boundaries)
+    point_mat, point_off = index_mat / scale[:, None], index_off / scale
+    disp_mat = world_to_index / scale[:, None]
     for start, stop in _slabs(target.shape, chunk_voxels):
-        idx = _slab_grid(target.shape, start, stop, device)
-        u = torch.from_numpy(np.ascontiguousarray(displacement[:, start:stop])).to(device=device, dtype=torch.float64)
-        normalized = _source_index(image_grid, target, idx, u) / _per_channel(scale, idx)
+        u = torch.from_numpy(displacement[:, start:stop]).to(device=device, dtype=torch.float64)
+        normalized = _affine_slab(point_mat, point_off, target.shape, start, stop, device)
+        normalized += _matvec(disp_mat, u)  # float64 sums, one rounding to the sampling dtype
+        del u
         with torch.no_grad():
             values = sample(img_t, normalized.to(dtype)[None], mode=mode, padding_mode=padding_mode)
         out[start:stop] = values[0, 0].cpu().numpy()
@@ -296,6 +385,30 @@ def displacement_to_ddf(displacement: np.ndarray, target: Grid) -> np.ndarray:
     """
     inv = torch.as_tensor(np.linalg.inv(target.matrix), dtype=torch.float32)
     return torch.einsum("ij,j...->i...", inv, torch.from_numpy(np.asarray(displacement, dtype=np.float32))).numpy()
+
+
+def physical_jacobian_determinant(displacement: np.ndarray, target: Grid,
+                                  chunk_voxels: int = DEFAULT_CHUNK_VOXELS) -> np.ndarray:
+    """det J of ``x -> x + u(x)`` in physical space at every voxel of ``target``, for a world-mm displacement
+    ``[dim, *target.shape]``: :func:`~monai_gradicon.metrics.jacobian_determinant` of the voxel DDF
+    (:func:`displacement_to_ddf`; ``det(I + A^-1 du/di)`` equals the physical ``det(I + du/dx)``), computed slab by
+    slab along axis 0 with one voxel of overlap, so each slab's differences are those of the whole array (the same
+    values, without the nine whole-grid derivative arrays). Returns ``[*target.shape]`` float32."""
+    from monai_gradicon.metrics import jacobian_determinant
+
+    if displacement.shape != (target.ndim, *target.shape):
+        raise ValueError(
+            f"displacement must be [{target.ndim}, *{target.shape}] on the target grid, got {displacement.shape}."
+        )
+    out = np.empty(target.shape, dtype=np.float32)
+    last = target.shape[0]
+    # small slabs: the ~30 elementwise passes of a slab then run in cache (measured 2-3x faster than 1 M voxels)
+    for start, stop in _slabs(target.shape, min(chunk_voxels, JACOBIAN_CHUNK_VOXELS)):
+        lo, hi = max(start - 1, 0), min(stop + 1, last)
+        ddf = displacement_to_ddf(displacement[:, lo:hi], target)
+        det = jacobian_determinant(torch.from_numpy(ddf)[None])[0]
+        out[start:stop] = det[start - lo: start - lo + stop - start].numpy()
+    return out
 
 
 def box_relative_ddf(
@@ -315,12 +428,15 @@ def box_relative_ddf(
     t_scale, t_offset = _axis_coefficients(target.shape, network_shape)
     s_scale, s_offset = _axis_coefficients(source.shape, network_shape)
     out = np.empty((target.ndim, *target.shape), dtype=np.float32)
+    index_mat, index_off, world_to_index = _index_map(source, target)
+    # back to a target index through the box matching: B^-1(j) = (j - s_offset) / s_scale * t_scale + t_offset
+    ratio = t_scale / s_scale
+    back_mat, back_off = ratio[:, None] * index_mat - np.eye(target.ndim), ratio * (index_off - s_offset) + t_offset
     for start, stop in _slabs(target.shape, chunk_voxels):
-        idx = _slab_grid(target.shape, start, stop, "cpu")
-        u = torch.from_numpy(np.ascontiguousarray(displacement[:, start:stop])).to(torch.float64)
-        q = (_source_index(source, target, idx, u) - _per_channel(s_offset, idx)) / _per_channel(s_scale, idx)
-        back = q * _per_channel(t_scale, idx) + _per_channel(t_offset, idx)
-        out[:, start:stop] = (back - idx).to(torch.float32).numpy()
+        u = torch.from_numpy(displacement[:, start:stop]).to(torch.float64)
+        back = _affine_slab(back_mat, back_off, target.shape, start, stop, "cpu")
+        back += _matvec(ratio[:, None] * world_to_index, u)
+        out[:, start:stop] = back.to(torch.float32).numpy()
     return out
 
 

@@ -128,7 +128,9 @@ def test_reversed_equals_file_order_of_transposed_files(scheme):
     assert_f32_close(a.displacement, np.transpose(b.displacement, (0, 3, 2, 1)), ulps=64, scale=world)
     assert_f32_close(a.inverse_displacement, np.transpose(b.inverse_displacement, (0, 3, 2, 1)), ulps=64, scale=world)
     assert_f32_close(a.warped_moving, np.transpose(b.warped_moving), ulps=64 * 100, scale=1000.0)  # HU, slope ~100/mm
-    assert_f32_close(a.jacobian, np.transpose(b.jacobian), ulps=1e4, scale=1.0)  # differences of the field / spacing
+    # det J reaches ~600 here (a random network); the file-order side evaluates its field by separable interpolation,
+    # the reversed side by trilinear lookups at float32 points: a few dozen steps at det J's magnitude
+    assert_f32_close(a.jacobian, np.transpose(b.jacobian), ulps=64)
     pts = Grid.of(fixed).index_to_world(np.array([[3.0, 4.0, 5.0], [15.0, 20.0, 25.0]]))
     assert_f32_close(a.fixed_to_moving(pts), b.fixed_to_moving(pts), ulps=64, scale=world)
     assert_f32_close(a.moving_to_fixed(pts), b.moving_to_fixed(pts), ulps=64, scale=world)

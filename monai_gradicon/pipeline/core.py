@@ -46,7 +46,7 @@ from monai_gradicon.instance_optimization import DEFAULT_IO_LR, instance_optimiz
 from monai_gradicon.io import Image, as_image
 from monai_gradicon.losses.objective import GradICONObjective
 from monai_gradicon.maps import identity_map
-from monai_gradicon.metrics import jacobian_determinant, log_determinant_std
+from monai_gradicon.metrics import log_determinant_std
 from monai_gradicon.model_card import CardError, ModelCard
 from monai_gradicon.networks.registration import (
     GradICONNetwork,
@@ -59,6 +59,7 @@ from monai_gradicon.resample import (
     Grid,
     displacement_to_ddf,
     physical_displacement,
+    physical_jacobian_determinant,
     resize_to_network,
     warp_physical,
 )
@@ -841,16 +842,23 @@ def optimize_pair(prepared: PreparedPair, device: torch.device | str = "cpu", pr
 
 @dataclass
 class OriginalGridFields:
-    """Stage 4's arrays (see :class:`~monai_gradicon.pipeline.result.RegistrationResult` for the conventions)."""
+    """Stage 4's arrays (see :class:`~monai_gradicon.pipeline.result.RegistrationResult` for the conventions).
+    ``fixed_grid``: the grid of ``displacement``, ``jacobian`` and ``warped_moving`` (the original fixed grid)."""
 
     displacement: np.ndarray
-    ddf: np.ndarray
     jacobian: np.ndarray
     warped_moving: np.ndarray
     inverse_displacement: np.ndarray | None
     folds_percent: float
     log_jacobian_std: float
+    fixed_grid: Grid
     seconds: float = 0.0
+
+    @property
+    def ddf(self) -> np.ndarray:
+        """The MONAI DDF ``[dim, *S_fixed]`` float32 in fixed voxels (:func:`~monai_gradicon.resample.
+        displacement_to_ddf` of ``displacement``), computed on each access: not kept beside the world-mm field."""
+        return displacement_to_ddf(self.displacement, self.fixed_grid)
 
 
 def _require_finite(array: np.ndarray, what: str) -> None:
@@ -894,11 +902,10 @@ def to_original_grids(
         inverse = physical_displacement(transforms.phi_ba, paired_grid, fixed_grid, shape, device, chunk_voxels,
                                         output=moving_grid, pre=prepared.prealign_inverse)
         _require_finite(inverse, "inverse displacement field")
-    ddf = displacement_to_ddf(displacement, fixed_grid)
-    det = jacobian_determinant(torch.from_numpy(ddf)[None])  # once: det J and SDlogJ both come from it
-    jac = det[0].numpy().astype(np.float32)
+    jac = physical_jacobian_determinant(displacement, fixed_grid, chunk_voxels)
     _require_finite(jac, "Jacobian determinant")
     _require_finite(warped, "warped moving image")
     folds = float(np.count_nonzero(jac <= 0)) * 100.0 / jac.size
-    log_std = float(log_determinant_std(det)[0])
-    return OriginalGridFields(displacement, ddf, jac, warped, inverse, folds, log_std, time.perf_counter() - start)
+    log_std = float(log_determinant_std(torch.from_numpy(jac)[None])[0])
+    return OriginalGridFields(displacement, jac, warped, inverse, folds, log_std, fixed_grid,
+                              time.perf_counter() - start)

@@ -534,7 +534,7 @@ class RegistrationResult:
             "log_jacobian_std": self.log_jacobian_std,
             "jacobian_min": float(self.jacobian.min()),
             "jacobian_max": float(self.jacobian.max()),
-            "displacement_mm_max": float(np.sqrt((self.displacement.astype(np.float64) ** 2).sum(axis=0)).max()),
+            "displacement_mm_max": _max_length(self.displacement),
             "instance_optimization": {
                 "steps": len(io),
                 "first_loss": io[0]["loss"] if io else None,
@@ -681,6 +681,16 @@ def _image_summary(image: Image) -> dict[str, Any]:
     }
 
 
+
+
+def _max_length(field_cf: np.ndarray) -> float:
+    """The largest vector length of a channel-first field ``[dim, *S]`` (float64 sums, one slice at a time: no
+    whole-field float64 copy)."""
+    best = 0.0
+    for k in range(field_cf.shape[1]):
+        part = field_cf[:, k].astype(np.float64)
+        best = max(best, float(np.sqrt(np.einsum("i...,i...->...", part, part)).max()))
+    return best
 
 
 def _channels_last(field_cf: np.ndarray) -> np.ndarray:
