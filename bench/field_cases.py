@@ -1,4 +1,30 @@
-"""Cases for the field-optimization benchmarks: a real lung CT with a known, smooth, breathing-like deformation.
+"""Cases for the field-optimization benchmarks: real anatomy, with a known deformation or with masks.
+
+Cases (``CASES``; built by :func:`make_case`):
+
+* ``popi-breathing`` (:func:`breathing_case`, described below): POPI phase-00 CT, a known exhale-like deformation,
+  TRE at lung landmarks.
+* ``mni-synthetic`` (:func:`mni_synthetic_case`): the MNI152 2009a T1 on the case grid, pulled through a known smooth
+  inter-subject-like displacement (two Gaussian-filtered random scales, largest magnitude ``amplitude_mm`` = 7 mm
+  inside the brain), TRE at landmarks inside the brain (GM + WM probability > 0.5, eroded by 2 voxels).
+* ``mni-colin`` (:func:`mni_colin_case`): MNI152 2009a T1 (fixed) and Colin27 ``ch2bet`` (moving), both
+  skull-stripped, resampled into the MNI file's field of view (both files are in MNI world coordinates); brain masks
+  for Dice: the non-zero region of each (largest component, holes filled). With skull-stripped images this Dice
+  measures how well the brain outline is matched, not the inner structures; no known truth.
+* ``lung-pair`` (:func:`lung_pair_case`): pyradiomics ``lung1`` (fixed) and ``lung2`` (moving), two patients, each
+  resampled into one box (the larger field of view per axis) centred on its own lung-mask centroid (the only
+  pre-alignment), lung window; lung masks from ``monai_gradicon.lung_mask.lung_mask(method="threshold")`` on each
+  CT's own grid, resampled like the image, for Dice; no known truth.
+* ``mni-shift`` (:func:`shift_case`): the MNI T1 moved by a constant shift of (3, -2, 1) voxels along array axes
+  (0, 1, 2): the convention check (a method whose maps are converted correctly recovers it with TRE near 0).
+
+Brain MR intensities are divided by the 99th percentile of the head (voxels above 5 % of the maximum) and clipped to
+[0, 1]; CT is lung-windowed (HU [-1000, 0] -> [0, 1]). The brain and lung-pair cases use a *box grid*
+(:func:`resample_box`): ``n`` cells per axis over an axis-aligned world box, array axes (0, 1, 2) = world RAS
+(z, y, x) increasing, cell centres as ``F.interpolate(..., align_corners=False)`` places them (so a box equal to a
+file's field of view gives the pipeline's resize), trilinear, outside the scanned volume: 0 (MR) or -1024 HU (CT).
+
+The POPI breathing case:
 
 Everything lives on the *network grid* (the CT resized to ``n = (175, 175, 175)`` as the registration pipeline does:
 axes reversed to the reference's (k, j, i) order, trilinear ``F.interpolate`` with ``align_corners=False``). One
@@ -24,7 +50,7 @@ The files under ``../shared/data`` (``--data``) are read-only inputs; nothing is
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,13 +59,22 @@ import torch.nn.functional as F
 from monai_gradicon.maps import identity_map, sample
 
 __all__ = [
+    "CASES",
     "DEFAULT_DATA",
     "BreathingCase",
+    "Case",
     "breathing_case",
     "breathing_displacement",
+    "dice",
     "invert_points",
     "load_popi_network_grid",
     "lung_mask",
+    "lung_pair_case",
+    "make_case",
+    "mni_colin_case",
+    "mni_synthetic_case",
+    "resample_box",
+    "shift_case",
     "tre_mm",
 ]
 
@@ -48,31 +83,58 @@ POPI = os.path.join("lung_ct_popi_phase00", "popi_phase00_ct.nii.gz")
 
 
 @dataclass
-class BreathingCase:
-    """A registration case with known maps (all tensors float32, CPU).
+class Case:
+    """A registration case on one grid (all tensors float32 / bool, CPU). ``None`` where a case has no such thing.
 
     Attributes:
         moving, fixed: ``[1, 1, *n]`` images in [0, 1] (A and B).
-        displacement: ``[1, 3, *n]`` the true ``d`` in voxels of the network grid; ``Phi_BA = x + d(x)``.
-        hu: ``[*n]`` the fixed image in Hounsfield units (before windowing).
-        lungs: ``[*n]`` bool lung mask of the fixed image.
-        points_fixed: ``[P, 3]`` landmark voxels (float) in B.
+        spacing_mm: mm per grid voxel along each array axis.
+        name: the case's name (``CASES``).
+        displacement: ``[1, 3, *n]`` the true ``d`` in voxels (synthetic cases); ``Phi_BA = x + d(x)``.
+        hu: ``[*n]`` the fixed image in Hounsfield units before windowing (POPI).
+        lungs: ``[*n]`` bool lung mask of the fixed image (POPI).
+        points_fixed: ``[P, 3]`` landmark voxels (float) in B (synthetic cases).
         points_moving: ``[P, 3]`` the same anatomical points in A (``Psi^-1(points_fixed)``).
-        spacing_mm: mm per network voxel along each array axis.
+        mask_fixed, mask_moving: ``[*n]`` bool masks of one structure in B and A, for Dice (pair cases).
+        mask_name: what the masks are.
+        info: JSON-able description (files, box, amplitude, ...).
     """
 
     moving: torch.Tensor
     fixed: torch.Tensor
-    displacement: torch.Tensor
-    hu: torch.Tensor
-    lungs: torch.Tensor
-    points_fixed: torch.Tensor
-    points_moving: torch.Tensor
     spacing_mm: tuple[float, ...]
+    name: str = "popi-breathing"
+    displacement: torch.Tensor | None = None
+    hu: torch.Tensor | None = None
+    lungs: torch.Tensor | None = None
+    points_fixed: torch.Tensor | None = None
+    points_moving: torch.Tensor | None = None
+    mask_fixed: torch.Tensor | None = None
+    mask_moving: torch.Tensor | None = None
+    mask_name: str = ""
+    info: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.fixed.shape[2:])
+
+    @property
+    def has_truth(self) -> bool:
+        return self.displacement is not None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_fixed is not None
+
+    def save(self, path: str) -> None:
+        torch.save(dict(self.__dict__), path)
+
+    @classmethod
+    def load(cls, path: str) -> Case:
+        return cls(**torch.load(path, weights_only=False))
+
+
+BreathingCase = Case  # the name of the first (and for a while only) case
 
 
 def load_popi_network_grid(data_dir: str, shape: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[float, ...]]:
@@ -192,13 +254,239 @@ def breathing_case(data_dir: str = DEFAULT_DATA, shape: tuple[int, int, int] = (
     if det.min() <= 0.1:
         raise RuntimeError(f"The synthetic displacement is too strong (min det J {float(det.min()):.3f}).")
     moving = warp_image(fixed, ddf_to_map(d))
-    inner = lung_mask(hu, erode=2)
+    points_fixed, points_moving = _landmarks(d, lung_mask(hu, erode=2), count, seed)
+    return Case(moving, fixed, spacing, name="popi-breathing", displacement=d, hu=hu, lungs=lungs,
+                points_fixed=points_fixed, points_moving=points_moving,
+                info={"image": POPI, "amplitude_mm": amplitude_mm, "landmarks": "lungs (HU < -500), eroded 2"})
+
+
+def _landmarks(d: torch.Tensor, inner: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random voxels of ``inner`` (fixed landmarks) and their images ``Psi^-1(p)`` in the moving image."""
     candidates = torch.nonzero(inner).float()
     gen = torch.Generator().manual_seed(seed + 1)
     pick = torch.randperm(candidates.shape[0], generator=gen)[:count]
     points_fixed = candidates[pick]
-    points_moving = invert_points(d, points_fixed)
-    return BreathingCase(moving, fixed, d, hu, lungs, points_fixed, points_moving, spacing)
+    return points_fixed, invert_points(d, points_fixed)
+
+
+# ------------------------------------------------------------------------------------------------ box grids
+def _fov_box(image) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS mm) bounds of a file's field of view (voxel edges: index -0.5 .. N - 0.5), axis-aligned."""
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in image.array.shape], indexing="ij")).reshape(3, -1)
+    world = image.affine[:3, :3] @ corners + image.affine[:3, 3:4]
+    return world.min(1), world.max(1)
+
+
+def resample_box(image, lo, hi, shape: tuple[int, int, int], fill: float = 0.0, shift=(0.0, 0.0, 0.0),
+                 array: np.ndarray | None = None) -> torch.Tensor:
+    """``image`` (a ``monai_gradicon.io.Image``, or ``array`` on its grid) resampled (trilinear) onto ``shape``
+    cells over the world box ``[lo, hi]`` (RAS mm, per world axis x, y, z) moved by ``shift`` mm.
+
+    Array axes (0, 1, 2) of the result are world (z, y, x), increasing; cell centres at ``lo + (p + 0.5) * (hi -
+    lo) / n`` (as ``F.interpolate(align_corners=False)`` does over a field of view); ``fill`` outside the file.
+    Returns ``[*shape]`` float32.
+    """
+    from scipy import ndimage
+
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    source = image.array if array is None else array
+    # world coordinates of the cells, array axis a <-> world axis 2 - a
+    axes = [lo[2 - a] + (np.arange(shape[a]) + 0.5) * (hi[2 - a] - lo[2 - a]) / shape[a] + shift[2 - a]
+            for a in range(3)]
+    inv = np.linalg.inv(image.affine)
+    source = source.astype(np.float32, copy=False)
+    out = np.empty(shape, dtype=np.float32)
+    zz, yy = np.meshgrid(axes[0], axes[1], indexing="ij")
+    for c in range(shape[2]):  # one world-x plane at a time bounds the memory
+        world = np.stack([np.full_like(zz, axes[2][c]), yy, zz])  # (x, y, z)
+        index = np.tensordot(inv[:3, :3], world, axes=1) + inv[:3, 3].reshape(3, 1, 1)
+        out[:, :, c] = ndimage.map_coordinates(source, index, order=1, mode="constant", cval=fill)
+    return torch.from_numpy(out)
+
+
+def box_spacing(lo, hi, shape) -> tuple[float, ...]:
+    """mm per cell along array axes (0, 1, 2) = world (z, y, x) of a box grid."""
+    return tuple(float(hi[2 - a] - lo[2 - a]) / shape[a] for a in range(3))
+
+
+def mr_normalize(image: torch.Tensor) -> torch.Tensor:
+    """Brain MR to [0, 1]: divided by the 99th percentile of the head (voxels above 5 % of the maximum), clipped."""
+    head = image[image > 0.05 * float(image.max())]
+    scale = float(torch.quantile(head[:: max(1, head.numel() // 1_000_000)], 0.99))
+    return (image / scale).clamp(0.0, 1.0)
+
+
+def ct_window(hu: torch.Tensor) -> torch.Tensor:
+    return (hu.clamp(-1000.0, 0.0) + 1000.0) / 1000.0
+
+
+MNI_DIR = "brain_mni152_2009a_sym"
+MNI_T1 = os.path.join(MNI_DIR, "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+MNI_GM = os.path.join(MNI_DIR, "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
+MNI_WM = os.path.join(MNI_DIR, "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
+COLIN_BET = os.path.join("brain_colin27_ch2", "ch2bet.nii.gz")
+LUNG1 = os.path.join("lung_ct_pyradiomics", "lung1_image.nrrd")
+LUNG2 = os.path.join("lung_ct_pyradiomics", "lung2_image.nrrd")
+
+
+def _read(data_dir: str, rel: str):
+    from monai_gradicon.io import read_image
+
+    path = os.path.join(data_dir, rel)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{rel} not found under {data_dir} (see ../shared/data/README.md).")
+    return read_image(path)
+
+
+def _mni(data_dir: str, shape: tuple[int, int, int]):
+    """MNI T1 in [0, 1] and its brain (GM + WM probability > 0.5) on the box grid of the MNI file's field of view."""
+    t1 = _read(data_dir, MNI_T1)
+    gm, wm = _read(data_dir, MNI_GM).array, _read(data_dir, MNI_WM).array
+    brain = (gm.astype(np.float32) + wm.astype(np.float32)) / 255.0
+    lo, hi = _fov_box(t1)
+    image = mr_normalize(resample_box(t1, lo, hi, shape))
+    brain = resample_box(t1, lo, hi, shape, array=brain) > 0.5
+    return image, brain, lo, hi
+
+
+def intersubject_displacement(shape: tuple[int, ...], spacing_mm: tuple[float, ...], region: torch.Tensor,
+                              amplitude_mm: float = 7.0, seed: int = 0) -> torch.Tensor:
+    """A smooth inter-subject-like displacement ``[1, 3, *n]`` in voxels: Gaussian-filtered noise at two scales
+    (sigma 20 mm, and 8 mm at 40 % of its weight), scaled so that its largest magnitude inside ``region`` is
+    ``amplitude_mm``."""
+    gen = torch.Generator().manual_seed(seed)
+    mean_spacing = float(np.mean(spacing_mm))
+    coarse = _smooth_noise(tuple(shape), 20.0 / mean_spacing, gen)
+    fine = _smooth_noise(tuple(shape), 8.0 / mean_spacing, gen)
+    d_mm = coarse + 0.4 * fine
+    d_mm = d_mm * (amplitude_mm / float(d_mm.norm(dim=1)[0][region].max()))
+    return d_mm / torch.tensor(spacing_mm, dtype=torch.float32).view(1, 3, 1, 1, 1)
+
+
+def _synthetic(name: str, fixed: torch.Tensor, d: torch.Tensor, inner: torch.Tensor, spacing, count: int,
+               seed: int, info: dict) -> Case:
+    from monai_gradicon.maps import ddf_to_map, warp_image
+    from monai_gradicon.metrics import jacobian_determinant
+
+    det = jacobian_determinant(d)
+    if det.min() <= 0.1:
+        raise RuntimeError(f"The synthetic displacement is too strong (min det J {float(det.min()):.3f}).")
+    moving = warp_image(fixed, ddf_to_map(d))
+    points_fixed, points_moving = _landmarks(d, inner, count, seed)
+    info = dict(info, min_det_j=float(det.min()), max_displacement_mm=float(
+        (d * torch.tensor(spacing, dtype=torch.float32).view(1, 3, 1, 1, 1)).norm(dim=1).max()))
+    return Case(moving, fixed, tuple(spacing), name=name, displacement=d, points_fixed=points_fixed,
+                points_moving=points_moving, info=info)
+
+
+def mni_synthetic_case(data_dir: str = DEFAULT_DATA, shape: tuple[int, int, int] = (175, 175, 175),
+                       count: int = 300, amplitude_mm: float = 7.0, seed: int = 0) -> Case:
+    """MNI152 T1 (fixed) and itself pulled through :func:`intersubject_displacement` (moving), TRE in the brain."""
+    from scipy import ndimage
+
+    image, brain, lo, hi = _mni(data_dir, shape)
+    spacing = box_spacing(lo, hi, shape)
+    d = intersubject_displacement(shape, spacing, brain, amplitude_mm, seed)
+    inner = torch.from_numpy(ndimage.binary_erosion(brain.numpy(), iterations=2))
+    return _synthetic("mni-synthetic", image[None, None], d, inner, spacing, count, seed,
+                      {"image": MNI_T1, "box_lo_mm": lo.tolist(), "box_hi_mm": hi.tolist(),
+                       "amplitude_mm": amplitude_mm, "landmarks": "brain (GM + WM > 0.5), eroded 2"})
+
+
+def shift_case(data_dir: str = DEFAULT_DATA, shape: tuple[int, int, int] = (48, 48, 48), count: int = 300,
+               shift_vox=(3.0, -2.0, 1.0), seed: int = 0) -> Case:
+    """The convention check: the MNI T1 (fixed) and a copy moved by ``shift_vox`` voxels along array axes (0, 1, 2)
+    (``A(x) = B(x - t)``, so ``Phi_AB(x) = x + t`` and ``Phi_BA(y) = y - t``); landmarks in the brain."""
+    from scipy import ndimage
+
+    image, brain, lo, hi = _mni(data_dir, shape)
+    spacing = box_spacing(lo, hi, shape)
+    d = -torch.tensor(shift_vox, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
+    inner = torch.from_numpy(ndimage.binary_erosion(brain.numpy(), iterations=2))
+    return _synthetic("mni-shift", image[None, None], d, inner, spacing, count, seed,
+                      {"image": MNI_T1, "shift_vox": list(shift_vox)})
+
+
+def _largest_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest 3D connected component of ``mask``, holes filled."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        raise ValueError("empty mask")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+
+
+def mni_colin_case(data_dir: str = DEFAULT_DATA, shape: tuple[int, int, int] = (175, 175, 175)) -> Case:
+    """MNI152 T1 (fixed) and Colin27 ``ch2bet`` (moving) in the MNI file's field of view, brain masks for Dice.
+
+    Both images are skull-stripped (the MNI 2009a T1 of ``../shared/data`` is nilearn's brain-masked copy; Colin27's
+    whole-head ``ch2`` would put its skull and scalp against the MNI brain's outline), and the masks are their
+    brain-extraction masks: the non-zero region of each (largest component, holes filled).
+    """
+    t1 = _read(data_dir, MNI_T1)
+    lo, hi = _fov_box(t1)
+    image = mr_normalize(resample_box(t1, lo, hi, shape))
+    brain = resample_box(t1, lo, hi, shape, array=_largest_filled(t1.array > 0).astype(np.float32)) > 0.5
+    bet = _read(data_dir, COLIN_BET)
+    moving = mr_normalize(resample_box(bet, lo, hi, shape))
+    colin_brain = resample_box(bet, lo, hi, shape, array=_largest_filled(bet.array > 0).astype(np.float32)) > 0.5
+    return Case(moving[None, None], image[None, None], box_spacing(lo, hi, shape), name="mni-colin",
+                mask_fixed=brain, mask_moving=colin_brain, mask_name="brain",
+                info={"fixed": MNI_T1, "moving": COLIN_BET, "box_lo_mm": lo.tolist(), "box_hi_mm": hi.tolist(),
+                      "masks": "non-zero region of each skull-stripped T1, largest component, holes filled"})
+
+
+def lung_pair_case(data_dir: str = DEFAULT_DATA, shape: tuple[int, int, int] = (175, 175, 175)) -> Case:
+    """lung1 (fixed) and lung2 (moving) CT, each centred on its lung mask in one box, lung masks for Dice."""
+    from monai_gradicon.lung_mask import lung_mask as lung_mask_ct
+
+    images, masks, centres, boxes = [], [], [], []
+    for rel in (LUNG1, LUNG2):
+        ct = _read(data_dir, rel)
+        ct.array = ct.array.astype(np.float32)
+        mask = lung_mask_ct(ct, method="threshold").mask
+        idx = np.argwhere(mask).mean(0)
+        centres.append(ct.affine[:3, :3] @ idx + ct.affine[:3, 3])
+        images.append(ct)
+        masks.append(mask)
+        boxes.append(_fov_box(ct))
+    extent = np.max([hi - lo for lo, hi in boxes], axis=0)
+    lo, hi = -extent / 2, extent / 2
+    out, out_masks = [], []
+    for ct, mask, centre in zip(images, masks, centres):
+        out.append(ct_window(resample_box(ct, lo, hi, shape, fill=-1024.0, shift=centre)))
+        out_masks.append(resample_box(ct, lo, hi, shape, shift=centre, array=mask.astype(np.float32)) > 0.5)
+    return Case(out[1][None, None], out[0][None, None], box_spacing(lo, hi, shape), name="lung-pair",
+                mask_fixed=out_masks[0], mask_moving=out_masks[1], mask_name="lungs",
+                info={"fixed": LUNG1, "moving": LUNG2, "box_extent_mm": extent.tolist(),
+                      "centres_mm": [c.tolist() for c in centres],
+                      "masks": "monai_gradicon.lung_mask.lung_mask(method='threshold') on each CT's grid"})
+
+
+CASES = ("popi-breathing", "mni-synthetic", "mni-colin", "lung-pair", "mni-shift")
+
+
+def make_case(name: str, data_dir: str = DEFAULT_DATA, size: int = 175, count: int = 300,
+              amplitude_mm: float | None = None) -> Case:
+    """The case ``name`` (``CASES``) on an ``size``³ grid; ``amplitude_mm`` None: the case's default (15 mm POPI
+    S-I, 7 mm MNI)."""
+    shape = (size,) * 3
+    if name == "popi-breathing":
+        return breathing_case(data_dir, shape, count=count,
+                              amplitude_mm=15.0 if amplitude_mm is None else amplitude_mm)
+    if name == "mni-synthetic":
+        return mni_synthetic_case(data_dir, shape, count=count,
+                                  amplitude_mm=7.0 if amplitude_mm is None else amplitude_mm)
+    if name == "mni-colin":
+        return mni_colin_case(data_dir, shape)
+    if name == "lung-pair":
+        return lung_pair_case(data_dir, shape)
+    if name == "mni-shift":
+        return shift_case(data_dir, shape, count=count)
+    raise ValueError(f"unknown case {name!r}; choose from {CASES}")
 
 
 def map_at_points(phi: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
@@ -222,6 +510,20 @@ def tre_mm(case: BreathingCase, phi_ab: torch.Tensor, phi_ba: torch.Tensor) -> d
         "tre_ab_mm": float(err_ab.mean()), "tre_ab_p95_mm": float(err_ab.quantile(0.95)),
         "tre_ba_mm": float(err_ba.mean()), "tre_ba_p95_mm": float(err_ba.quantile(0.95)),
     }
+
+
+def dice(case: Case, phi_ab: torch.Tensor, phi_ba: torch.Tensor) -> dict[str, float]:
+    """Dice of the case's masks after warping, both directions: the moving mask pulled through ``Phi_AB`` (trilinear,
+    > 0.5) against the fixed mask, and the fixed mask through ``Phi_BA`` against the moving mask."""
+    from monai_gradicon.maps import warp_image
+
+    def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(2.0 * (a & b).sum() / (a.sum() + b.sum()))
+
+    fixed, moving = case.mask_fixed, case.mask_moving
+    warped_ab = warp_image(moving.float()[None, None], phi_ab)[0, 0] > 0.5
+    warped_ba = warp_image(fixed.float()[None, None], phi_ba)[0, 0] > 0.5
+    return {"dice_ab": overlap(warped_ab, fixed), "dice_ba": overlap(warped_ba, moving)}
 
 
 def true_maps(case: BreathingCase, iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
