@@ -368,9 +368,55 @@ def test_compiled_body_is_an_explicit_switch():
     torch.nn.init.normal_(unet.lastConv.weight, std=1e-2)
     a, b = smooth_pair((20, 21, 22), seed=4)
     with torch.no_grad():
-        eager = unet(a, b)
+        # the eager layers the compiled body replaces (plain inference takes the lean top level instead: rounding)
+        eager = unet._last_conv(unet._body_eager(torch.cat([a, b], dim=1))) / 10
+        assert_f32_close(unet(a, b), eager, ulps=64)
     unet.compile_body(backend="eager")
     assert unet.compiled_body is not None
     with torch.no_grad():
         assert torch.equal(unet(a, b), eager)
     assert unet._tail_levels(a.clone().requires_grad_(True)) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 100])
+def test_slab_upsampling_equals_the_whole_interpolation(rows):
+    """upsample2_add_ adds interpolate(low, x2) slab by slab: bit for bit the whole-tensor sum, any slab size."""
+    from monai_gradicon.networks.cpu_kernels import CHANNELS_LAST
+    from monai_gradicon.networks.unet2 import upsample2_add_
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn((2, 3, 9, 6, 5), generator=g).contiguous(memory_format=CHANNELS_LAST)
+    y = torch.randn((2, 3, 18, 12, 10), generator=g).contiguous(memory_format=CHANNELS_LAST)
+    expected = y + F.interpolate(low, scale_factor=2, mode="trilinear", align_corners=False)
+    assert torch.equal(upsample2_add_(y.clone(memory_format=CHANNELS_LAST), low, rows), expected)
+    with pytest.raises(ValueError, match="twice"):
+        upsample2_add_(y[:, :, :17], low)
+
+
+@pytest.mark.parametrize("shape", [(19, 21, 23), (24, 24, 24)])
+def test_lean_inference_top_level_agrees_with_the_layer_by_layer_path(shape):
+    """Channels-last inference runs up level 0 and the last convolution lean (in-place LeakyReLU and BatchNorm,
+    slab-wise upsampling, the last convolution as two halves without the concatenation): the same values as the
+    layer-by-layer channels-last path to float32 rounding, odd sizes (the crop) included; training mode or gradients
+    take the layer-by-layer path."""
+    torch.manual_seed(1)
+    unet = UNet2(3, down_channels=(4, 8, 8, 16, 16), up_channels=(4, 8, 8, 8, 16)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(std=0.2)
+        for bn in unet.batchNorms:
+            bn.running_mean.normal_(std=0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    a, b = smooth_pair(shape, seed=2)
+    x = torch.cat([a, b], dim=1)
+    assert not unet._lean_inference(x)  # gradients enabled
+    with torch.no_grad():
+        assert unet._lean_inference(x) and not unet._lean_inference(x.double())
+        lean = unet(a, b)
+        layered = unet._last_conv(unet._body_eager(x)) / 10
+    assert lean.shape == (1, 3, *shape) and lean.is_contiguous()
+    assert lean.abs().max() > 1e-2
+    assert_f32_close(lean, layered, ulps=64)
+    unet.train()
+    with torch.no_grad():
+        assert not unet._lean_inference(x)

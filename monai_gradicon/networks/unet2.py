@@ -32,6 +32,7 @@ from monai_gradicon.networks.cpu_kernels import (
     CHANNELS_LAST,
     crop_cat_channels_last,
     is_channels_last_3d,
+    layout_conv,
     leaky_conv,
     output_conv,
 )
@@ -51,6 +52,22 @@ more than it saves) and tiny images."""
 def unet2_min_size(num_levels: int = 5) -> int:
     """Smallest spatial size a UNet2 with ``num_levels`` levels accepts on every axis (17 for 5 levels)."""
     return 2 ** (num_levels - 1) + 1
+
+
+def upsample2_add_(y: torch.Tensor, low: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """``y += interpolate(low, scale_factor=2, trilinear, align_corners=False)`` for 3D ``y`` ``[B, C, 2n, ...]`` and
+    ``low`` ``[B, C, n, ...]``, ``rows`` input slices at a time (with one slice of overlap on each side), so the
+    full-size upsampled tensor never exists. The same values: each output slice reads the same two input slices with
+    the same weights (the source coordinate ``(o + 0.5) / 2 - 0.5`` is exact in float32). Returns ``y``."""
+    n_in, n_out = low.shape[2], y.shape[2]
+    if n_out != 2 * n_in:
+        raise ValueError(f"upsample2_add_ needs y twice low's depth, got {tuple(y.shape)} and {tuple(low.shape)}.")
+    for o0 in range(0, n_out, 2 * rows):
+        o1 = min(n_out, o0 + 2 * rows)
+        i0, i1 = max(0, o0 // 2 - 1), min(n_in, o1 // 2 + 1)
+        piece = F.interpolate(low[:, :, i0:i1], scale_factor=2, mode="trilinear", align_corners=False)
+        y[:, :, o0:o1].add_(piece[:, :, o0 - 2 * i0: o1 - 2 * i0])
+    return y
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -168,6 +185,9 @@ class UNet2(nn.Module):
                 features = self._body(x)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return self._last_conv(features.float()) / 10
+        if self._lean_inference(x):
+            x, skips = self._down_path(x)
+            return self._lean_top(self._up_path(x, skips, range(self.num_levels - 1, 0, -1)), skips[0]) / 10
         tail = self._tail_levels(x)
         if tail == 0:
             return self._last_conv(self._body(x)) / 10
@@ -238,7 +258,50 @@ class UNet2(nn.Module):
         """The output convolution (before the division by 10)."""
         return output_conv(self.lastConv, x, self._runs_channels_last(x))
 
+    def _lean_top(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up level 0 and the last convolution for inference without gradients (see :meth:`_lean_inference`), with
+        about half the full-resolution memory of :meth:`_up_path` + :meth:`_last_conv`: LeakyReLU in place on the
+        level's input (a fresh tensor nobody else reads), the upsampled shortcut added slab by slab
+        (:func:`upsample2_add_`), BatchNorm's affine map applied in place, and no concatenation -- the last
+        convolution is the sum of its two halves, the 16 up channels on the uncropped grid (the cropped-off border
+        zeroed, which is what the crop's zero padding reads) and the skip's channels. The same layers; values agree
+        with the channels-last path to float32 rounding (other summation orders). ``x`` is consumed."""
+        conv, bn = self.upConvs[0], self.batchNorms[0]
+        low = match_channels(x, conv.out_channels).clone(memory_format=CHANNELS_LAST)
+        y = layout_conv(conv, F.leaky_relu_(x), True)  # LeakyReLU in place: x is read nowhere else
+        del x
+        upsample2_add_(y, low)
+        del low
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shape = (1, -1) + (1,) * (y.ndim - 2)
+        y.mul_(scale.view(shape)).add_((bn.bias - bn.running_mean * scale).view(shape))
+        for axis, n in enumerate(skip.shape[2:]):  # the crop: what lies beyond the skip's size reads as zero padding
+            y.narrow(2 + axis, n, y.shape[2 + axis] - n).zero_()
+        c = y.shape[1]
+        weight = self.lastConv.weight.contiguous(memory_format=CHANNELS_LAST)
+        out = F.conv3d(y, weight[:, :c], self.lastConv.bias, padding=self.lastConv.padding)
+        del y
+        out = out[(slice(None), slice(None), *[slice(0, n) for n in skip.shape[2:]])]
+        out = out + F.conv3d(skip.contiguous(memory_format=CHANNELS_LAST), weight[:, c:], None,
+                             padding=self.lastConv.padding)
+        return out.contiguous()
+
     # ----------------------------------------------------------------------------- where the fast paths are used
+    def _lean_inference(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`_forward` runs the top level by :meth:`_lean_top`: channels-last CPU float32 inference
+        (no gradient, not traced or compiled), BatchNorm on its running statistics, a 3 x 3 x 3 / padding 1 last
+        convolution."""
+        return (
+            self._runs_channels_last(x)
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and self.compiled_body is None
+            and not self.batchNorms[0].training
+            and self.batchNorms[0].running_var is not None
+            and tuple(self.lastConv.padding) == (1, 1, 1)
+            and tuple(self.lastConv.stride) == (1, 1, 1)
+        )
+
     def _runs_channels_last(self, x: torch.Tensor) -> bool:
         """Whether the channels-last layers are used for this input: the switch ``channels_last`` is not ``False``
         and ``x`` is a 3D float32 CPU tensor outside mixed precision (oneDNN's channels-last kernels are 2-4x faster
