@@ -451,22 +451,140 @@ def _nifti_image(array: np.ndarray, affine: np.ndarray, intent: int | None = Non
     return img
 
 
+NIFTI_BLOCK_BYTES = 4 << 20
+"""Bytes of voxel data per block of :func:`write_nifti` (each block laid out and gzip-compressed on its own)."""
+
+
+def _nifti_blocks(array: np.ndarray, negate_last: tuple[int, ...], block_bytes: int):
+    """The voxel data of ``array`` in NIfTI's order (Fortran: the first axis fastest) as a sequence of zero-argument
+    callables, each returning one C-contiguous block: planes of the third axis for every index of the later axes,
+    in file order. Indices in ``negate_last`` of the last axis (of a 4D/5D array) are written negated."""
+    arr = array if array.ndim >= 3 else array.reshape(array.shape + (1,) * (3 - array.ndim))
+    rest = arr.shape[3:]
+    plane = max(1, arr.shape[0] * arr.shape[1] * arr.itemsize)
+    step = max(1, block_bytes // plane)
+    for later in np.ndindex(*rest[::-1]):
+        index = tuple(reversed(later))
+        negate = bool(rest) and index[-1] in negate_last
+        for z0 in range(0, arr.shape[2], step):
+            part = arr[(slice(None), slice(None), slice(z0, z0 + step)) + index].transpose(2, 1, 0)
+
+            def block(part=part, negate=negate) -> np.ndarray:
+                return np.negative(part, order="C") if negate else np.ascontiguousarray(part)
+
+            yield block
+
+
+def _gzip_member(level: int):
+    """(header bytes, compress(raw, last) -> deflate bytes, trailer(crc, size) -> bytes) of one gzip member whose
+    raw deflate stream is cut into independently compressed blocks (each ends on a byte boundary with a sync flush,
+    the last one finishes the stream): any gzip reader sees one ordinary member."""
+    import struct
+    import zlib
+
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no flags, mtime 0, unknown OS
+
+    def compress(raw, last: bool) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return c.compress(raw) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    def trailer(crc: int, size: int) -> bytes:
+        return struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+    return header, compress, trailer
+
+
+def _write_nifti_stream(path: str, header: bytes, array: np.ndarray, negate_last: tuple[int, ...], compress: bool,
+                        level: int, workers: int, block_bytes: int) -> None:
+    """Write ``header`` then the voxel data block by block: blocks are laid out (and compressed) in ``workers``
+    threads -- numpy copies and zlib release the GIL -- and written in order, at most ``2 * workers`` in flight."""
+    import zlib
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = list(_nifti_blocks(array, negate_last, block_bytes))
+    if compress:
+        gz_header, deflate, trailer = _gzip_member(level)
+
+        def job(i: int) -> tuple[np.ndarray, bytes]:
+            raw = blocks[i]()
+            return raw, deflate(memoryview(raw).cast("B"), i == len(blocks) - 1)
+    else:
+        def job(i: int) -> tuple[np.ndarray, bytes]:
+            raw = blocks[i]()
+            return raw, b""
+
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        crc, size = zlib.crc32(header), len(header)
+        if compress:
+            f.write(gz_header)
+            f.write(deflate(header, not blocks))
+        else:
+            f.write(header)
+        pending: deque = deque()
+
+        def emit() -> None:
+            nonlocal crc, size
+            raw, packed = pending.popleft().result()
+            view = memoryview(raw).cast("B")
+            if compress:
+                crc, size = zlib.crc32(view, crc), size + len(view)
+                f.write(packed)
+            else:
+                f.write(view)
+
+        for i in range(len(blocks)):
+            pending.append(pool.submit(job, i))
+            if len(pending) >= 2 * max(1, workers):
+                emit()
+        while pending:
+            emit()
+        if compress:
+            f.write(trailer(crc, size))
+
+
 def write_nifti(
     path: str | os.PathLike,
     array: np.ndarray,
     affine: np.ndarray,
     intent: int | None = None,
     intent_name: str = "",
+    negate_last: tuple[int, ...] = (),
+    workers: int | None = None,
 ) -> str:
     """Write ``array`` with the voxel -> RAS mm ``affine`` (4 x 4) as NIfTI-1, atomically (temp file + rename).
 
-    The affine goes into both sform and qform (code 1, scanner). Returns the path written.
+    The affine goes into both sform and qform (code 1, scanner). ``.nii.gz`` is gzip level 1 (nibabel's default).
+    The data are streamed in blocks of :data:`NIFTI_BLOCK_BYTES` laid out and compressed in ``workers`` threads
+    (default: the CPUs, at most 4), from ``array`` as it is (any memory layout, e.g. a ``moveaxis`` view: no
+    whole-array copy); the file is byte for byte what nibabel writes (uncompressed) or its gzip-compressed equal.
+    ``negate_last``: indices of the last axis of a 4D/5D array written negated (:func:`write_displacement_field`'s
+    RAS -> LPS components, without a negated copy). Returns the path written.
     """
     path = os.fspath(path)
     if not _has_suffix(path, NIFTI_SUFFIXES):
         raise ValueError(f"Output {path} must end in .nii or .nii.gz.")
-    img = _nifti_image(np.asarray(array), np.asarray(affine, dtype=np.float64), intent, intent_name)
-    return atomic_write(path, img.to_filename)
+    array = np.asarray(array)
+    if negate_last and array.ndim < 4:
+        raise ValueError(f"negate_last applies to the last axis of a 4D/5D array, got shape {array.shape}.")
+    img = _nifti_image(array, np.asarray(affine, dtype=np.float64), intent, intent_name)
+    img.update_header()
+    header = img.header
+    if header.get_data_dtype() != array.dtype or not array.dtype.isnative:
+        if negate_last:
+            raise ValueError(f"negate_last needs a natively stored NIfTI dtype, got {array.dtype}.")
+        return atomic_write(path, img.to_filename)  # a dtype nibabel converts or scales: its own writer
+    header.set_slope_inter(1.0, 0.0)  # no scaling, as nibabel records it
+    import io as _io
+
+    buffer = _io.BytesIO()
+    header.write_to(buffer)
+    head = buffer.getvalue()
+    head += b"\0" * (int(header["vox_offset"]) - len(head))
+    threads = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+    compress = path.lower().endswith(".gz")
+    return atomic_write(path, lambda tmp: _write_nifti_stream(tmp, head, array, tuple(negate_last), compress, 1,
+                                                             threads, NIFTI_BLOCK_BYTES))
 
 
 write_text = atomic_write_text
@@ -490,15 +608,12 @@ def write_displacement_field(path: str | os.PathLike, displacement_ras: np.ndarr
     dim = u.shape[0]
     if u.ndim != dim + 1 or dim not in (2, 3):
         raise ValueError(f"A displacement field must be [dim, *S] with dim 2 or 3, got shape {u.shape}.")
-    lps = u.copy()
-    lps[0] *= -1.0
-    lps[1] *= -1.0
-    vectors = np.moveaxis(lps, 0, -1)  # [*S, dim]
+    vectors = np.moveaxis(u, 0, -1)  # [*S, dim], a view: the writer lays the blocks out (and negates x, y) itself
     if dim == 2:
         vectors = vectors[:, :, None, None, :]
     else:
         vectors = vectors[:, :, :, None, :]
-    return write_nifti(path, np.ascontiguousarray(vectors), affine, intent=NIFTI_INTENT_VECTOR)
+    return write_nifti(path, vectors, affine, intent=NIFTI_INTENT_VECTOR, negate_last=(0, 1))
 
 
 def read_displacement_field(path: str | os.PathLike, name: str = "displacement field") -> tuple[np.ndarray, np.ndarray]:
