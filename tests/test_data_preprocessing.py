@@ -10,9 +10,9 @@ import torch
 from monai.data import MetaTensor
 
 from tolerance import assert_f32_close
+from monai_gradicon.data.transforms import IntensityPreprocessd
 from monai_gradicon.data import (
     PREPROCESSING,
-    IntensityPreprocessd,
     brain_max_normalize,
     kth_quantile,
     lung_ct_normalize,
@@ -136,3 +136,15 @@ def test_in_a_monai_loading_pipeline(tmp_path):
     assert out.shape == (1, 4, 5, 6)
     expected = np.clip((image.astype(np.float32) + 1000) / 1000, 0, 1) * mask
     assert_f32_close(np.asarray(out[0]), expected)
+
+
+def test_the_command_line_does_not_import_monai_transforms():
+    """The registry and the command line import without MONAI (its import costs ~5 s per command on 2 CPU cores);
+    the bundles' transform is in monai_gradicon.data.transforms."""
+    import subprocess
+    import sys
+
+    code = ("import sys, monai_gradicon.cli, monai_gradicon.pipeline, monai_gradicon.data; "
+            "print(sorted(m for m in sys.modules if m == 'monai' or m.startswith('monai.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -38,7 +38,6 @@ from .phantom import (
 )
 from .preprocessing import (
     PREPROCESSING,
-    IntensityPreprocessd,
     Preprocessing,
     brain_max_normalize,
     kth_quantile,
@@ -58,7 +57,6 @@ __all__ = [
     "NLST_SPLITS",
     "OASIS_SPLITS",
     "PREPROCESSING",
-    "IntensityPreprocessd",
     "Preprocessing",
     "BrainPhantom",
     "BreathingMotion",

@@ -1,8 +1,9 @@
 """Intensity preprocessing of the GradICON / uniGradICON reference: the one registry every door uses.
 
 :data:`PREPROCESSING` maps a name (what a model card records) to a function; :func:`preprocess` applies one with an
-optional binary mask, and :class:`IntensityPreprocessd` is the same as a MONAI dictionary transform for the bundles'
-configs. The command line, the bundles, MONAI Label and the Python API all go through these, so a name means the
+optional binary mask, and :class:`monai_gradicon.data.transforms.IntensityPreprocessd` is the same as a MONAI
+dictionary transform for the bundles' configs (in its own module, so that the command line does not import MONAI's
+transform machinery: ~5 s per command on 2 CPU cores). The command line, the bundles, MONAI Label and the Python API all go through these, so a name means the
 same intensities everywhere.
 
 All functions take one sample (any shape, typically ``[C, D, H, W]``) as a numpy array or torch tensor (MONAI
@@ -17,22 +18,14 @@ over the whole sample. Resizing to the network shape is not done here (see :mod:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
-from monai.utils import ensure_tuple
-
-from monai_gradicon.config import config_bool
-
 __all__ = [
     "PREPROCESSING",
     "Preprocessing",
-    "IntensityPreprocessd",
     "preprocess",
     "brain_max_normalize",
     "kth_quantile",
@@ -158,41 +151,3 @@ def preprocess(image: ArrayLike, name: str, mask: ArrayLike | None = None) -> Ar
     if not fits:
         raise ValueError(f"mask shape {tuple(m.shape)} does not broadcast to image shape {tuple(x.shape)}")
     return _restore(x * (_plain(m) > 0).to(x.dtype).to(x.device), was_numpy)
-
-
-class IntensityPreprocessd(MapTransform):
-    """Dictionary version of :func:`preprocess` for the bundles' configs.
-
-    Args:
-        keys: image keys (e.g. ``("fixed_image", "moving_image")``).
-        name: a :data:`PREPROCESSING` name.
-        mask_keys: the mask key of each image key (same length), or None for no masking; a mask key absent from the
-            data leaves its image unmasked (masks are optional per pair).
-        use_masks: False ignores masks even when present.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        name: str,
-        mask_keys: Sequence[Hashable] | None = None,
-        use_masks: bool = True,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if name not in PREPROCESSING:
-            raise ValueError(f"Unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSING)}.")
-        self.name = name
-        self.mask_keys: tuple[Hashable | None, ...] = (
-            (None,) * len(self.keys) if mask_keys is None else ensure_tuple(mask_keys)
-        )
-        if len(self.mask_keys) != len(self.keys):
-            raise ValueError(f"mask_keys {self.mask_keys} must give one mask key per image key {self.keys}")
-        self.use_masks = config_bool(use_masks, "use_masks")
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key, mask_key in self.key_iterator(d, self.mask_keys):
-            mask = d.get(mask_key) if (self.use_masks and mask_key is not None) else None
-            d[key] = preprocess(d[key], self.name, mask)
-        return d

@@ -5,7 +5,7 @@
   output on the network grid (mTRE before/after, Dice before/after, folds, log-Jacobian std) and the images for
   TensorBoard/PNG. (Inference and evaluation on the original grids are :mod:`monai_gradicon.pipeline.transforms`.)
 
-Intensity preprocessing is :class:`monai_gradicon.data.IntensityPreprocessd` (the one registry of every door).
+Intensity preprocessing is :class:`monai_gradicon.data.transforms.IntensityPreprocessd` (the one registry of every door).
 """
 
 from __future__ import annotations
