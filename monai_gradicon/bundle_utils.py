@@ -3,6 +3,7 @@
 * :func:`load_bundle_network`: ``monai.bundle.load`` plus a check that **every** tensor of the network came from
   the checkpoint (MONAI's loader copies matching keys only and silently skips the rest).
 * :func:`bundle_model_card`: the model card a bundle's ``metadata.json`` requires of its weights.
+* :func:`run_pairs`: run a dataset that registers and saves each pair (the bundles' ``optimize.json``), with progress.
 * Command line (the same conversion as ``python -m monai_gradicon convert-weights --bundle_dir``)::
 
       python -m monai_gradicon.bundle_utils convert \\
@@ -24,7 +25,8 @@ import torch
 from monai_gradicon.model_card import CardError
 from monai_gradicon.weights import WeightFileError, convert_weights, read_state_dict
 
-__all__ = ["load_bundle_network", "check_all_weights_loaded", "bundle_model_card", "require_file", "main"]
+__all__ = ["load_bundle_network", "check_all_weights_loaded", "bundle_model_card", "require_file", "run_pairs",
+           "main"]
 
 
 def require_file(path: str | os.PathLike, hint: str = "") -> str:
@@ -32,6 +34,27 @@ def require_file(path: str | os.PathLike, hint: str = "") -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found. {hint}".strip())
     return os.fspath(path)
+
+
+def run_pairs(dataset: Sequence[Mapping[str, Any]], result_key: str = "registration") -> list[dict[str, str]]:
+    """Run a dataset whose transform registers and saves each pair (e.g. a bundle's ``optimize.json``: load ->
+    :class:`~monai_gradicon.pipeline.transforms.OptimizeRegistrationd` -> ``SaveRegistrationd``), one pair at a
+    time, logging each pair's case name, seconds and folds; returns each pair's ``{output name: path}``. An error
+    names the pair (0-based index) it happened at; pairs finished before it keep their files."""
+    import time
+
+    written = []
+    for i in range(len(dataset)):
+        start = time.perf_counter()
+        try:
+            item = dataset[i]
+        except Exception as exc:
+            raise RuntimeError(f"pair {i} of {len(dataset)} failed: {exc}") from exc
+        result = item[result_key]
+        written.append(result.get("files", {}))
+        print(f"pair {i + 1}/{len(dataset)} {result['case']}: {time.perf_counter() - start:.1f} s, folds "
+              f"{result['fields'].folds_percent:.4f}% of fixed voxels", flush=True)
+    return written
 
 
 def check_all_weights_loaded(network: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], source: str = "") -> int:

@@ -109,7 +109,7 @@ def test_settings_are_checked_before_any_work(deformed):
         (dict(network=None, method="optimize"), "needs the preprocessing"),
         (dict(network=None, method="optimize", preprocessing="none", io_iterations=3), "opt_iterations"),
         (dict(network=None, method="optimize", preprocessing="none", opt_levels=5), "too many"),
-        (dict(network=None, method="optimize", preprocessing="none", opt_lambda=-1.0), "lmbda"),
+        (dict(network=None, method="optimize", preprocessing="none", opt_lambda=-1.0), "^opt_lambda must be"),  # names the setting the user set
         (dict(network=None, method="optimize", preprocessing="none", opt_similarity="mi"), "similarity"),
         (dict(network=None, method="optimize", preprocessing="none", opt_iterations=0), "at least one iteration"),
         (dict(network=net, preprocessing="none", io_iterations=2, io_method="everything"), "io_method"),

@@ -404,7 +404,7 @@ def write_outputs(prepared: PreparedPair, fields: OriginalGridFields, warped_pat
             write_displacement_field(ddf_path, fields.displacement, affine)
             convention = CONVENTIONS["displacement_mm"]
         else:
-            write_nifti(ddf_path, np.ascontiguousarray(np.moveaxis(fields.ddf, 0, -1)), affine)
+            write_nifti(ddf_path, np.moveaxis(fields.ddf, 0, -1), affine)
             convention = CONVENTIONS["ddf_voxels"]
     except BaseException:
         remove_files([warped_path, ddf_path])  # nothing half-written stays behind

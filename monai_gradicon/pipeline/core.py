@@ -229,16 +229,25 @@ class RegistrationSettings:
     def field_options(self) -> FieldOptions | None:
         """The checked :class:`~monai_gradicon.field_optimization.FieldOptions` of the field optimization this run
         does (``method="optimize"``, or field-level IO), defaults filled in; None when it does none."""
-        if self.method == "optimize":
-            iterations = list(self.opt_iterations) if isinstance(self.opt_iterations, tuple) else self.opt_iterations
-            return check_field_options(self.file_order_shape, from_init=False, similarity=self.opt_similarity,
-                                       lmbda=self.opt_lambda, levels=self.opt_levels, iterations=iterations,
-                                       lr=self.opt_lr)
-        if self.io_method == "fields" and self.io_iterations:
-            return check_field_options(self.file_order_shape, from_init=True, similarity=self.opt_similarity,
-                                       lmbda=self.opt_lambda, levels=self.opt_levels, iterations=self.io_iterations,
-                                       lr=self.io_lr)
-        return None
+        optimize = self.method == "optimize"
+        if not (optimize or (self.io_method == "fields" and self.io_iterations)):
+            return None
+        # the settings' names for optimize_fields' arguments, so that an error names what the user set
+        names = {"lmbda": "opt_lambda", "levels": "opt_levels", "similarity": "opt_similarity",
+                 "iterations": "opt_iterations" if optimize else "io_iterations", "lr": "opt_lr" if optimize else "io_lr"}
+        iterations = self.opt_iterations if optimize else self.io_iterations
+        try:
+            return check_field_options(self.file_order_shape, from_init=not optimize, similarity=self.opt_similarity,
+                                       lmbda=self.opt_lambda, levels=self.opt_levels,
+                                       iterations=list(iterations) if isinstance(iterations, tuple) else iterations,
+                                       lr=self.opt_lr if optimize else self.io_lr)
+        except ValueError as exc:
+            message = str(exc)
+            for internal, setting in names.items():
+                if message.startswith(internal + " "):
+                    message = setting + message[len(internal):]
+                    break
+            raise ValueError(message) from exc
 
     @property
     def makes_masks(self) -> bool:

@@ -695,5 +695,5 @@ def _max_length(field_cf: np.ndarray) -> float:
 
 def _channels_last(field_cf: np.ndarray) -> np.ndarray:
     """``[dim, *S]`` -> ``(X, Y, Z, dim)`` (2D: ``(X, Y, 1, 2)``) float32 for NIfTI."""
-    out = np.moveaxis(field_cf.astype(np.float32), 0, -1)
+    out = np.moveaxis(np.asarray(field_cf, dtype=np.float32), 0, -1)
     return out[:, :, None, :] if field_cf.shape[0] == 2 else out

@@ -40,6 +40,8 @@ from monai_gradicon.pipeline.core import (
     PairInputs,
     RegistrationSettings,
     complete_masks,
+    default_optimize_shape,
+    optimize_pair,
     prealign_pair,
     prepare_pair,
     prepared_from_network_input,
@@ -57,6 +59,7 @@ __all__ = [
     "LoadRegistrationImaged",
     "PrepareNetworkInputd",
     "OriginalGridOutputsd",
+    "OptimizeRegistrationd",
     "SaveRegistrationd",
     "RegistrationMetricsd",
     "BUNDLE_OUTPUTS",
@@ -299,6 +302,63 @@ class OriginalGridOutputsd(_PipelineTransform):
         return d
 
 
+class OptimizeRegistrationd(_PipelineTransform):
+    """The whole pipeline without a network (``method="optimize"``, :func:`~monai_gradicon.pipeline.core.
+    optimize_pair`) on one pair: read, pre-align and prepare as :class:`PrepareNetworkInputd`, optimize the two
+    transforms directly (GradICON's objective, coarse to fine), evaluate them on the original grids as
+    :class:`OriginalGridOutputsd`. Adds ``result_key`` (for :class:`SaveRegistrationd` and
+    :class:`RegistrationMetricsd`) and ``"warped"``; the inverse is always computed (the method optimizes both).
+
+    Args:
+        preprocessing: a :data:`~monai_gradicon.data.preprocessing.PREPROCESSING` name (no model card supplies one).
+        input_shape: the working grid (file axis order); None: the fixed image's shape capped at 175 per axis.
+        opt_lambda, opt_levels, opt_iterations, opt_lr, opt_similarity, seed: the field optimization's options
+            (None: its measured defaults), as ``register --method optimize``.
+        device: where the optimization and the original-grid stage run.
+        progress: show the optimization's progress.
+        Other arguments as :class:`PrepareNetworkInputd` (there is no network: ``network`` is not taken).
+    """
+
+    def __init__(self, preprocessing: str, input_shape: Sequence[int] | None = None, opt_lambda: float = 1.5,
+                 opt_levels: int | None = None, opt_iterations: int | Sequence[int] | None = None,
+                 opt_lr: float | None = None, opt_similarity: str = "lncc", seed: int = 0,
+                 device: torch.device | str = "cpu", progress: bool = False, result_key: str = _RESULT_KEY,
+                 **kwargs: Any) -> None:
+        super().__init__(None, preprocessing=preprocessing, input_shape=input_shape, **kwargs)
+        self.options = {"opt_lambda": opt_lambda, "opt_levels": opt_levels, "opt_iterations": opt_iterations,
+                        "opt_lr": opt_lr, "opt_similarity": opt_similarity, "io_seed": seed}
+        self.device, self.progress = torch.device(device), config_bool(progress, "progress")
+        self.result_key = result_key
+        # bad options fail when the config is parsed, not at the first pair
+        self.settings_for(self.input_shape or (64, 64, 64))
+
+    def settings_for(self, fixed_shape: Sequence[int]) -> RegistrationSettings:
+        """The settings for a pair whose fixed image has ``fixed_shape`` (voxels; sizes the default working grid)."""
+        shape = self.input_shape if self.input_shape is not None else default_optimize_shape(fixed_shape)
+        return resolve_settings(None, preprocessing=self.preprocessing, input_shape=tuple(shape),
+                                orientation=self.orientation, transform_scheme=self.transform_scheme, inverse=True,
+                                auto_masks=self.auto_masks and self.use_masks, prealign=self.prealign,
+                                prealign_similarity=self.prealign_similarity, method="optimize",
+                                source="the bundle's optimize settings", **self.options)
+
+    def settings(self) -> RegistrationSettings:
+        raise TypeError("OptimizeRegistrationd has no network card; its settings depend on the pair (settings_for).")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        inputs = self.inputs(d)
+        settings = self.settings_for(inputs.fixed.shape)
+        inputs = complete_masks(inputs, settings)
+        prepared = prepare_pair(inputs, settings, None, self.device, progress=self.progress)
+        transforms = optimize_pair(prepared, self.device, self.progress)
+        fields = to_original_grids(prepared, transforms, self.device, padding_mode=self.padding_mode)
+        d[self.result_key] = {"prepared": prepared, "transforms": transforms, "fields": fields,
+                              "case": case_name(d, self.fixed_key, self.moving_key)}
+        d["warped"] = MetaTensor(torch.from_numpy(fields.warped_moving)[None],
+                                 affine=torch.as_tensor(inputs.fixed.affine))
+        return d
+
+
 class SaveRegistrationd(MapTransform):
     """Write one case's outputs as ``<output_dir>/<case>_<name>.nii.gz``, each with exactly the contents of the
     command line's file of that name (:data:`BUNDLE_OUTPUTS`), atomically.
@@ -326,9 +386,9 @@ class SaveRegistrationd(MapTransform):
         fixed, moving = prepared.inputs.fixed, prepared.inputs.moving
         writers = {
             "displacement_mm": lambda p: write_displacement_field(p, fields.displacement, fixed.affine),
-            "ddf_voxels": lambda p: write_nifti(p, np.ascontiguousarray(np.moveaxis(fields.ddf, 0, -1)), fixed.affine),
+            "ddf_voxels": lambda p: write_nifti(p, np.moveaxis(fields.ddf, 0, -1), fixed.affine),
             "warped": lambda p: write_nifti(p, fields.warped_moving.astype(np.float32), fixed.affine),
-            "jacobian_determinant": lambda p: write_nifti(p, fields.jacobian.astype(np.float32), fixed.affine),
+            "jacobian_determinant": lambda p: write_nifti(p, np.asarray(fields.jacobian, dtype=np.float32), fixed.affine),
             "inverse_displacement_mm": lambda p: write_displacement_field(p, fields.inverse_displacement,
                                                                           moving.affine),
         }
