@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from monai_gradicon.coordinate_transforms import CoordinateTransform, DisplacementTransform
 from monai_gradicon.io import Image
 from monai_gradicon.maps import sample
+from monai_gradicon.metrics import jacobian_determinant
 
 __all__ = [
     "Grid",
@@ -394,8 +395,6 @@ def physical_jacobian_determinant(displacement: np.ndarray, target: Grid,
     (:func:`displacement_to_ddf`; ``det(I + A^-1 du/di)`` equals the physical ``det(I + du/dx)``), computed slab by
     slab along axis 0 with one voxel of overlap, so each slab's differences are those of the whole array (the same
     values, without the nine whole-grid derivative arrays). Returns ``[*target.shape]`` float32."""
-    from monai_gradicon.metrics import jacobian_determinant
-
     if displacement.shape != (target.ndim, *target.shape):
         raise ValueError(
             f"displacement must be [{target.ndim}, *{target.shape}] on the target grid, got {displacement.shape}."

@@ -170,3 +170,13 @@ def test_box_relative_ddf_is_zero_for_the_box_matching_displacement():
     assert np.abs(box).max() > 0.5
     assert_f32_close(box_relative_ddf(box, target, source, NET, chunk_voxels=150), np.zeros_like(box), ulps=64,
                      scale=40.0)
+
+
+def test_largest_displacement_length_slice_by_slice():
+    """The summary's and the QC report's displacement_mm_max: the largest vector length, as a direct float64 norm."""
+    from monai_gradicon.pipeline.result import _max_length
+
+    u = np.random.default_rng(2).normal(size=(3, 7, 6, 5)).astype(np.float32)
+    u[:, 4, 2, 3] = [30.0, -40.0, 0.0]  # length 50, in one slice
+    assert _max_length(u) == pytest.approx(float(np.linalg.norm(u.astype(np.float64), axis=0).max()), rel=1e-15)
+    assert _max_length(u) == pytest.approx(50.0, rel=1e-7)

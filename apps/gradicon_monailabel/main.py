@@ -55,6 +55,7 @@ from monai_gradicon.monailabel.task import (
     GradICONPropagationTask,
     GradICONRegistrationTask,
     ServingLimits,
+    datastore_resolver,
     trusted_inputs,
 )
 
@@ -204,7 +205,7 @@ class GradICONRegistrationApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"No model {model!r}; available: {sorted(self._infers)}.")
         datastore = datastore if datastore else self.datastore()
         try:
-            resolve = _datastore_resolver(datastore)
+            resolve = datastore_resolver(datastore)
             request = task.resolve_request(dict(request), resolve, datastore=datastore, trusted=trusted_inputs.get())
             with self.queue.admit(model):
                 return super().infer(request, datastore)
@@ -219,16 +220,6 @@ class GradICONRegistrationApp(MONAILabelApp):
         info = super().info()
         info["gradicon_queue"] = self.queue.status()
         return info
-
-
-def _datastore_resolver(datastore):
-    def resolve(image_id: str) -> str:
-        try:
-            return datastore.get_image_uri(image_id) or ""
-        except Exception:  # remote datastores raise on unknown ids
-            return ""
-
-    return resolve
 
 
 def _atlas_ndim(atlas) -> int:

@@ -79,6 +79,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "TrustedInputs",
     "trusted_inputs",
+    "datastore_resolver",
 ]
 
 REGISTRATION_TYPE = "registration"
@@ -173,7 +174,7 @@ class PropagateLabels(_Step):
     pass
 
 
-def _resolver(datastore) -> Callable[[str], str]:
+def datastore_resolver(datastore) -> Callable[[str], str]:
     """``id -> path`` via ``datastore.get_image_uri`` ("" for unknown ids or datastore errors)."""
 
     def resolve(image_id: str) -> str:
@@ -613,7 +614,7 @@ class GradICONPropagationTask(_GradICONTask):
             raise RegistrationRequestError(f"No reference {name!r}; choose one of {self.references()}.", 404)
         from monai_gradicon.monailabel.pipeline import datastore_reference
 
-        image_path = _resolver(datastore)(name)
+        image_path = datastore_resolver(datastore)(name)
         label_path = ""
         if image_path:
             try:

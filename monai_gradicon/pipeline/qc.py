@@ -192,15 +192,16 @@ def qc_summary(result: RegistrationResult, error: np.ndarray, slices: tuple[int,
         "log_jacobian_std": result.log_jacobian_std,
         "jacobian_min": float(result.jacobian.min()),
         "jacobian_max": float(result.jacobian.max()),
-        "displacement_mm_max": float(np.sqrt((result.displacement.astype(np.float64) ** 2).sum(axis=0)).max()),
+        "displacement_mm_max": result.displacement_mm_max,
         "slices": {"indices": list(slices) if slices is not None else None,
                    "centre": [n // 2 for n in result.fixed.shape], "chosen_by": slices_how},
     }
     if result.fixed.ndim == 3 and min(result.fixed.shape) >= 5:
-        ndv = non_diffeomorphic_volume(result.ddf)
+        ddf = result.ddf  # computed from the mm field on each access: once here
+        ndv = non_diffeomorphic_volume(ddf)
         summary["learn2reg"] = {
             "field": "the fixed-grid voxel DDF (the Learn2Reg field when both images share one grid)",
-            "SDlogJ": learn2reg_sdlogj(result.ddf),
+            "SDlogJ": learn2reg_sdlogj(ddf),
             "NDV_percent": ndv["ndv_percent"],
             "NDP_percent": ndv["ndp_percent"],
         }

@@ -412,6 +412,11 @@ class RegistrationResult:
         return self.fields.jacobian
 
     @property
+    def displacement_mm_max(self) -> float:
+        """The largest displacement length (mm) on the fixed grid (computed on each access, slice by slice)."""
+        return _max_length(self.displacement)
+
+    @property
     def warped_moving(self) -> np.ndarray:
         return self.fields.warped_moving
 
@@ -534,7 +539,7 @@ class RegistrationResult:
             "log_jacobian_std": self.log_jacobian_std,
             "jacobian_min": float(self.jacobian.min()),
             "jacobian_max": float(self.jacobian.max()),
-            "displacement_mm_max": _max_length(self.displacement),
+            "displacement_mm_max": self.displacement_mm_max,
             "instance_optimization": {
                 "steps": len(io),
                 "first_loss": io[0]["loss"] if io else None,
