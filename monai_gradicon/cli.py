@@ -222,7 +222,7 @@ class _RunOptions:
     io_mask_loss: bool
     io_dice_weight: float
     method: str
-    opt_lambda: float
+    opt_lambda: float | None
     opt_levels: int | None
     opt_iterations: int | tuple[int, ...] | None
     opt_lr: float | None
@@ -290,7 +290,7 @@ def _run_options(
     if custom_io and prealign != "none":
         raise ValueError(f"{', '.join(custom_io)} cannot be combined with --prealign yet (the masks and label maps "
                          "are brought to the network grid without the pre-alignment); use one or the other.")
-    opt_lambda = _non_negative(opt_lambda, "opt_lambda")
+    opt_lambda = None if opt_lambda is None else _non_negative(opt_lambda, "opt_lambda")
     opt_levels = None if opt_levels is None else _whole(opt_levels, "opt_levels", minimum=1)
     opt_iterations = _iterations(opt_iterations, "opt_iterations")
     opt_lr = None if opt_lr is None else _positive(opt_lr, "opt_lr")
@@ -468,7 +468,7 @@ def register(
     io_sim: str = "lncc",
     io_mask_loss: bool = False,
     io_dice_weight: float = 0.0,
-    opt_lambda: float = 1.5,
+    opt_lambda: float | None = None,
     opt_levels: int | None = None,
     opt_iterations: Any = None,
     opt_lr: float | None = None,
@@ -539,7 +539,8 @@ def register(
             optimization (each comparison masked on its target's grid).
         io_dice_weight: weight of a soft Dice term on --fixed_segmentation / --moving_segmentation in the weights'
             instance optimization (0: none).
-        opt_lambda: GradICON weight of --method optimize and --io_method fields (default 1.5, the released models').
+        opt_lambda: GradICON weight of --method optimize and --io_method fields (default 3, measured: see
+            monai_gradicon.field_optimization).
         opt_levels: pyramid levels of --method optimize (default 3) or --io_method fields (default 1).
         opt_iterations: Adam steps per level of --method optimize, one number or one per level coarse to fine
             (default 100,50,25).
@@ -825,7 +826,7 @@ def register_batch(
     io_method: str = "weights",
     io_sim: str = "lncc",
     io_mask_loss: bool = False,
-    opt_lambda: float = 1.5,
+    opt_lambda: float | None = None,
     opt_levels: int | None = None,
     opt_iterations: Any = None,
     opt_lr: float | None = None,

@@ -10,6 +10,7 @@ import os
 import pytest
 from test_cli import SLIM_SHAPE, lung_files, run, slim_weights  # noqa: F401 (fixtures)
 
+from monai_gradicon.field_optimization import DEFAULT_LMBDA
 from monai_gradicon.pipeline import OUTPUT_FILES
 
 
@@ -42,6 +43,7 @@ def test_field_io_and_weights_io_options(lung_files, slim_weights, capsys):  # n
     settings = summary_of(lung_files / "fields")["settings"]
     assert settings["io_method"] == "fields" and settings["io_lr"] == 0.05  # the fields' default rate
     assert settings["field_optimization"]["iterations"] == [3]
+    assert settings["field_optimization"]["lambda"] == DEFAULT_LMBDA  # resolved where the options are checked
     code, _, err = run(["register", *common, "--output_dir", lung_files / "mind", "--io_sim", "mind",
                         "--io_iterations", 2, "--io_lr", 1e-3], capsys)
     assert code == 0, err

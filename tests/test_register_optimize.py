@@ -18,7 +18,7 @@ from test_instance_optimization import slim_network
 from tolerance import assert_f32_close
 
 from monai_gradicon.affine import transform_points
-from monai_gradicon.field_optimization import optimize_fields
+from monai_gradicon.field_optimization import DEFAULT_LMBDA, optimize_fields
 from monai_gradicon.io import Image
 from monai_gradicon.maps import identity_map, sample
 from monai_gradicon.networks.registration import map_to_file_order, to_network_axes
@@ -68,6 +68,8 @@ def test_optimize_without_a_network_recovers_a_known_deformation(deformed, tmp_p
     summary = json.loads(open(paths[OUTPUT_FILES["summary"]]).read())
     assert summary["settings"]["method"] == "optimize" and summary["model_card"] is None
     assert summary["settings"]["field_optimization"]["iterations"] == [60, 20]
+    # the default lambda is recorded as the value used, not as "default"
+    assert summary["settings"]["field_optimization"]["lambda"] == DEFAULT_LMBDA
     assert "optimize" in summary["timings_seconds"]
 
 

@@ -121,7 +121,7 @@ def register(
     prealign: str = "none",
     prealign_similarity: str = "mi",
     method: str = "network",
-    opt_lambda: float = 1.5,
+    opt_lambda: float | None = None,
     opt_levels: int | None = None,
     opt_iterations: int | Sequence[int] | None = None,
     opt_lr: float | None = None,

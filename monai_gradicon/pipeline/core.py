@@ -188,7 +188,7 @@ class RegistrationSettings:
     prealign_similarity: str = "mi"
     method: str = "network"
     io_method: str = "weights"
-    opt_lambda: float = 1.5
+    opt_lambda: float | None = None
     opt_levels: int | None = None
     opt_iterations: int | tuple[int, ...] | None = None
     opt_lr: float | None = None
@@ -284,7 +284,7 @@ class RegistrationSettings:
         options = self.field_options()
         if options is None:
             return None
-        return {"lambda": self.opt_lambda, "similarity": self.opt_similarity, "levels": options.levels,
+        return {"lambda": options.lmbda, "similarity": self.opt_similarity, "levels": options.levels,
                 "iterations": list(options.iterations), "lr": options.lr, "field_spacing": list(options.field_spacing)}
 
 
@@ -316,7 +316,7 @@ def resolve_settings(
     prealign_similarity: str = "mi",
     method: str = "network",
     io_method: str = "weights",
-    opt_lambda: float = 1.5,
+    opt_lambda: float | None = None,
     opt_levels: int | None = None,
     opt_iterations: Sequence[int] | int | None = None,
     opt_lr: float | None = None,
@@ -768,7 +768,7 @@ def _optimize(moving: torch.Tensor, fixed: torch.Tensor, settings: RegistrationS
     options = settings.field_options()
     result = optimize_fields(
         moving, fixed, init_ab=None if init is None else init[0], init_ba=None if init is None else init[1],
-        similarity=settings.opt_similarity, lmbda=settings.opt_lambda, levels=options.levels,
+        similarity=settings.opt_similarity, lmbda=options.lmbda, levels=options.levels,
         iterations=list(options.iterations), lr=options.lr, field_spacing=list(options.field_spacing),
         seed=settings.io_seed, progress=progress,
     )

@@ -319,7 +319,7 @@ class OptimizeRegistrationd(_PipelineTransform):
         Other arguments as :class:`PrepareNetworkInputd` (there is no network: ``network`` is not taken).
     """
 
-    def __init__(self, preprocessing: str, input_shape: Sequence[int] | None = None, opt_lambda: float = 1.5,
+    def __init__(self, preprocessing: str, input_shape: Sequence[int] | None = None, opt_lambda: float | None = None,
                  opt_levels: int | None = None, opt_iterations: int | Sequence[int] | None = None,
                  opt_lr: float | None = None, opt_similarity: str = "lncc", seed: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False, result_key: str = _RESULT_KEY,
