@@ -305,6 +305,60 @@ def test_same_seed_same_result(shared_data, ct_pair):
     assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]  # another jitter
 
 
+@pytest.mark.parametrize("shape, spacing, smoothing", [((25, 25, 27), 1, 1.0), ((48, 48, 52), 2, 1.0),
+                                                      ((96, 112), 2, 1.5), ((33, 20, 41), 2, 0.0)])
+def test_smooth_upsample_is_blur_then_interpolate(shape, spacing, smoothing):
+    """The level's displacement applies blur and upsampling as one matrix per axis; it must equal the two steps
+    done separately (the border-normalized Gaussian blur, then ``F.interpolate(align_corners=True)``), to float32
+    rounding of values of order one, and so must its gradient (the transpose)."""
+    from monai_gradicon.field_optimization import _LevelFields
+    from monai_gradicon.losses.similarity import gaussian_blur
+
+    dim = len(shape)
+    bases = [torch.zeros((1, dim, *shape)), torch.zeros((1, dim, *shape))]
+    fields = _LevelFields(bases, spacing, smoothing)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        fields.params[0].copy_(torch.randn(fields.params[0].shape, generator=g))
+    ours = fields.displacement(0)
+    v = fields.params[0]
+    if smoothing > 0:
+        ones = torch.ones((1, 1, *v.shape[2:]))
+        v = gaussian_blur(v, smoothing) / gaussian_blur(ones, smoothing)
+    if tuple(v.shape[2:]) != shape:
+        v = F.interpolate(v, size=shape, mode="trilinear" if dim == 3 else "bilinear", align_corners=True)
+    expected = v * torch.tensor([1.0 / (n - 1) for n in shape]).view(1, dim, *[1] * dim)
+    assert tuple(ours.shape) == (1, dim, *shape)
+    assert_f32_close(ours.detach(), expected.detach(), ulps=32, scale=float(expected.detach().abs().max()))
+    weights = torch.randn(ours.shape, generator=g)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), fields.params[0])
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), fields.params[0])
+    assert_f32_close(grad_ours, grad_expected, ulps=64, scale=float(grad_expected.abs().max()))
+
+
+def test_own_adam_is_torch_adam_step_for_step():
+    """``_Adam`` exists only to skip the ``torch._dynamo`` import of ``torch.optim``; its updates must be those of
+    ``torch.optim.Adam`` (default CPU path) exactly, including steps where the gradient changes sign and scale."""
+    from monai_gradicon.field_optimization import _Adam
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn((1, 3, 5, 6, 7), generator=g), torch.randn((1, 3, 4, 4, 4), generator=g)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    theirs = [t.clone().requires_grad_(True) for t in start]
+    opt_ours, opt_theirs = _Adam(ours, lr=0.1), torch.optim.Adam(theirs, lr=0.1)
+    for step in range(6):
+        grads = [torch.randn(t.shape, generator=g) * 10.0 ** (step % 3 - 1) for t in start]
+        for params in (ours, theirs):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), step
+    opt_ours.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
 def test_cached_target_lncc_is_the_loss_modules_value():
     g = torch.Generator().manual_seed(0)
     pred = torch.rand((1, 1, 20, 22, 24), generator=g)

@@ -9,6 +9,8 @@ scalar loss.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,8 @@ from monai_gradicon.recompute import checkpoint_call, is_checkpointed
 __all__ = [
     "gaussian_kernel1d",
     "gaussian_blur",
+    "blur_matrix",
+    "separable_matmul",
     "local_ncc",
     "LNCCLoss",
     "SquaredLNCCLoss",
@@ -43,7 +47,7 @@ def gaussian_kernel1d(sigma: float, kernel_size: int | None = None) -> torch.Ten
     return pdf / pdf.sum()
 
 
-def _blur_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
+def blur_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
     """``[n, n]`` matrix ``T`` with ``(T @ x)[i] = sum_t k[t] x[i + t - (K - 1) // 2]`` and zeros outside ``[0, n)``:
     a 1D "same" zero-padded correlation with ``kernel`` written as a banded matrix."""
     k = kernel.numel()
@@ -66,20 +70,33 @@ def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int | None = None)
     if dim not in (1, 2, 3):
         raise ValueError(f"gaussian_blur supports 1D to 3D images [B, C, *S], got shape {tuple(x.shape)}.")
     kernel = gaussian_kernel1d(sigma, kernel_size).to(device=x.device, dtype=x.dtype)
-    sizes = x.shape[2:]
+    matrices = [None if n == 1 and kernel.numel() == 1 else blur_matrix(n, kernel) for n in x.shape[2:]]
+    return separable_matmul(x, matrices)
+
+
+def separable_matmul(x: torch.Tensor, matrices: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A separable linear operator on ``x`` ``[B, C, *S]``: along spatial axis ``k`` (in order 0, 1, 2), ``out[..., i,
+    ...] = sum_j M_k[i, j] x[..., j, ...]`` with ``M_k`` ``[S'_k, S_k]`` (``None``: the axis is left as it is).
+    Returns ``[B, C, *S']``. Each axis is one general matrix product (BLAS), differentiable as such."""
+    if len(matrices) != x.ndim - 2:
+        raise ValueError(f"separable_matmul needs one matrix (or None) per spatial axis of {tuple(x.shape)}, got "
+                         f"{len(matrices)}.")
     out = x.contiguous()
-    for axis in range(dim):
-        n = sizes[axis]
-        if n == 1 and kernel.numel() == 1:
+    for axis, matrix in enumerate(matrices):
+        if matrix is None:
             continue
-        matrix = _blur_matrix(n, kernel)
+        shape = list(out.shape)
+        n = shape[2 + axis]
+        if matrix.ndim != 2 or matrix.shape[1] != n:
+            raise ValueError(f"the matrix of axis {axis} must be [m, {n}], got {tuple(matrix.shape)}.")
         inner = 1
-        for s in sizes[axis + 1 :]:
-            inner *= s
-        if inner == 1:  # last axis: [..., n] @ T^T, folded into one matrix product
+        for size in shape[3 + axis :]:
+            inner *= size
+        if inner == 1:  # last axis: [..., n] @ M^T, folded into one matrix product
             out = out.matmul(matrix.t())
-        else:  # T @ [outer, n, inner]
-            out = torch.matmul(matrix, out.reshape(-1, n, inner)).view(x.shape)
+        else:  # M @ [outer, n, inner]
+            shape[2 + axis] = matrix.shape[0]
+            out = torch.matmul(matrix, out.reshape(-1, n, inner)).view(shape)
     return out
 
 
