@@ -140,7 +140,11 @@ Iterations per level: in the 175³ history the level-2 (45³) similarity stops i
 (88³) after ~30 of 50, level 0 is still improving at step 25. Fewer full-resolution steps cost accuracy: (100, 50, 10)
 -> 0.81 / 0.60 mm against (100, 50, 25) -> 0.70 / 0.46 mm; at 96³ (100, 50, 50) gave no gain over 25 (0.92 / 0.51).
 The 25 full-resolution steps already take ~70 % of the run's time (229 of 324 s at 175³, one busy core); doubling
-them would cost ~70 % more for a gain that 96³ did not show, so 25 it is.
+them would cost ~70 % more for a gain that 96³ did not show, so 25 it is. Rechecked with both compositions and
+lambda 3 (``bench/FIELD_OPTIMIZATION.md``, session 22): at 175³ (60, 30, 10) gives 1.09 / 0.98 mm in 44 s against
+0.63 / 0.42 mm in 89 s for the defaults; at 96³ it is nearly as good as the defaults (POPI 0.83 / 0.58 vs 0.87 / 0.53
+mm, MNI synthetic 0.62 / 0.56 vs 0.58 / 0.51 mm) in half the time: on grids of ~100 voxels per axis it is the faster
+choice (``--opt_iterations 60,30,10``).
 
 Instance-optimization defaults (init given): one level (the input grid), 50 iterations (the network IO's count),
 lr 0.05, control spacing 2, smoothing 1. 96³, started from a stand-in for a network's output (the true maps plus
