@@ -571,7 +571,10 @@ def check_field_options(
     spatial = tuple(int(n) for n in spatial_shape)
     io = from_init
     if levels is None:
+        # the default count, or fewer where the image is too thin for it (a CT of 48 slices gets 2 levels)
         levels = DEFAULT_IO_LEVELS if io else DEFAULT_LEVELS
+        while levels > 1 and min(level_shapes(spatial, levels)[0]) < MIN_LEVEL_SIZE:
+            levels -= 1
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be a whole number >= 1, got {levels!r}.")
     shapes = level_shapes(spatial, levels)
@@ -655,7 +658,7 @@ def optimize_fields(
         lmbda: weight of the GradICON term (>= 0; 0 switches it off, it is still reported). Default
             ``DEFAULT_LMBDA`` (3, measured with the symmetric term).
         levels: pyramid levels (>= 1; the coarsest must keep ``MIN_LEVEL_SIZE`` voxels per axis). Default 3 from
-            scratch, 1 with an init.
+            scratch (fewer where an axis is too short for 3: 2 for 30-57 voxels, 1 for 16-29), 1 with an init.
         iterations: Adam steps per level, one int for all or one per level (coarse to fine), each >= 1. Default
             (100, 50, 25) for the last three levels (100 for any coarser), 50 for a one-level run from an init.
         lr: Adam learning rate, in voxels of the level per step. Default 0.1 from scratch, 0.05 with an init.

@@ -415,6 +415,23 @@ def test_bad_settings_fail_before_any_work(kwargs, error, match):
         optimize_fields(moving, fixed, **settings)
 
 
+def test_default_levels_fit_a_thin_image():
+    """A chest CT of 48 slices (pyradiomics lung1) capped to a 175 x 175 x 48 working grid: the default 3 levels
+    would make a 13-slice coarsest level, so the default takes as many levels as fit (2 here, the default
+    iterations of the two finest levels); asked for explicitly, 3 levels are still refused with the reason."""
+    from monai_gradicon.field_optimization import check_field_options
+
+    options = check_field_options((175, 175, 48), from_init=False)
+    assert options.levels == 2 and options.iterations == (50, 25) and options.field_spacing == (1, 2)
+    assert check_field_options((175, 175, 58), from_init=False).levels == 3
+    assert check_field_options((175, 175, 57), from_init=False).levels == 2
+    assert check_field_options((175, 175, 29), from_init=False).levels == 1
+    with pytest.raises(ValueError, match=r"levels=3 is too many for an image of shape \(175, 175, 48\)"):
+        check_field_options((175, 175, 48), from_init=False, levels=3)
+    with pytest.raises(ValueError, match="too small"):
+        check_field_options((175, 175, 15), from_init=False)
+
+
 def test_bad_inputs_fail_clearly():
     moving, fixed = _pair()
     with pytest.raises(ValueError, match=r"shape \(12, 20, 20\) is too small"):
