@@ -541,7 +541,8 @@ def register(
             instance optimization (0: none).
         opt_lambda: GradICON weight of --method optimize and --io_method fields (default 3, measured: see
             monai_gradicon.field_optimization).
-        opt_levels: pyramid levels of --method optimize (default 3) or --io_method fields (default 1).
+        opt_levels: pyramid levels of --method optimize (default 3, fewer for an axis under 58 voxels) or
+            --io_method fields (default 1).
         opt_iterations: Adam steps per level of --method optimize, one number or one per level coarse to fine
             (default 100,50,25).
         opt_lr: learning rate of --method optimize, voxels of the level per step (default 0.1).
