@@ -75,6 +75,24 @@ def test_blur_gradient_is_the_adjoint():
     assert_f32_close(x.grad, x2.grad, ulps=8)
 
 
+def test_separable_matmul_with_rectangular_matrices():
+    """Non-square per-axis matrices (what the field optimizer's blur + upsampling uses), one axis left alone, against
+    a float64 einsum; a wrong count or a mismatched matrix is refused with the axis named."""
+    from monai_gradicon.losses.similarity import separable_matmul
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((2, 3, 5, 6, 7), generator=g)
+    m0, m2 = torch.rand((4, 5), generator=g), torch.rand((9, 7), generator=g)
+    ours = separable_matmul(x, [m0, None, m2])
+    expected = torch.einsum("ai,bcijk,dk->bcajd", m0.double(), x.double(), m2.double())
+    assert ours.shape == (2, 3, 4, 6, 9)
+    assert_f32_close(ours, expected, ulps=16)
+    with pytest.raises(ValueError, match="one matrix \\(or None\\) per spatial axis"):
+        separable_matmul(x, [m0, None])
+    with pytest.raises(ValueError, match="the matrix of axis 2 must be \\[m, 7\\]"):
+        separable_matmul(x, [m0, None, m0])
+
+
 def test_lncc_gradient_path_equals_plain_path():
     """When only the warped image needs a gradient the target's moments are blurred apart; same values."""
     a, b = smooth_pair((20, 21, 22), seed=2)
