@@ -285,6 +285,17 @@ def test_slicer_plugin_lists_runs_and_names_the_propagation(propagate, setup):
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_datastore_watcher(monkeypatch):
+    """MONAI Label's local datastore starts a file watcher by default that refreshes the datastore from its own
+    thread when files change; a test that copies a study in and then refreshes raced it (monailabel's
+    ``_remove_non_existing``: "dictionary changed size during iteration", about 1 run in 5 of this module).
+    The tests refresh explicitly where they add files, so the apps they build do without the watcher."""
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+
+
 def _app(setup, tmp_path, conf=None):
     from monailabel.interfaces.utils.app import app_instance
 
